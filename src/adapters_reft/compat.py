@@ -1,0 +1,183 @@
+"""What this torch can compute natively, per orthogonal map, dtype and device type.
+
+PyTorch has no half-precision LAPACK kernels (``orgqr``, ``geqrf``, ``linalg.solve``) on most builds, while
+other maps (``matrix_exp`` on CPU) do run in bf16. Rather than hard-coding a table that a future torch
+release would make wrong, each (map, dtype, device type, operation) is probed once on a tiny tensor and the
+verdict is cached. ``ADAPTERS_REFT_UPCAST`` overrides the resulting cast policy:
+
+* ``auto`` (default): compute in float32 only where the native kernel is missing;
+* ``always``: compute every orthogonal map in float32 (float64 stays float64);
+* ``never``: always use the storage dtype (torch raises where a kernel is missing).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "DTYPES",
+    "ENV_VAR",
+    "MAPS",
+    "OPERATIONS",
+    "POLICIES",
+    "clear_cache",
+    "compute_dtype",
+    "native_support",
+    "needs_upcast",
+    "support_table",
+    "upcast_policy",
+]
+
+ENV_VAR = "ADAPTERS_REFT_UPCAST"
+POLICIES = ("auto", "always", "never")
+MAPS = ("householder", "matrix_exp", "cayley")
+OPERATIONS = ("forward", "inverse")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+Operation = Literal["forward", "inverse"]
+
+_verdicts: dict[tuple[str, torch.dtype, str, str], bool] = {}
+_lock = threading.Lock()
+
+
+def upcast_policy() -> str:
+    """The cast policy in force, read from ``ADAPTERS_REFT_UPCAST`` on every call so it can change at run time."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in POLICIES:
+        raise ValueError(
+            f"{ENV_VAR}={os.environ.get(ENV_VAR)!r} is not a valid cast policy; use one of {', '.join(POLICIES)}"
+        )
+    return value
+
+
+def _check_map(orthogonal_map: str) -> None:
+    if orthogonal_map not in MAPS:
+        raise ValueError(f"orthogonal_map has to be one of {', '.join(MAPS)}; got {orthogonal_map!r}")
+
+
+def _is_tracing() -> bool:
+    """True while torch.compile traces or a CUDA graph captures: probing then would break the trace."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        if compiler.is_compiling():
+            return True
+    else:  # torch < 2.3
+        dynamo = getattr(torch, "_dynamo", None)
+        if dynamo is not None and getattr(dynamo, "is_compiling", lambda: False)():
+            return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _run_kernels(orthogonal_map: str, dtype: torch.dtype, device: torch.device, operation: Operation) -> None:
+    """Run the kernels an operation needs on a 3x2 problem; raises where torch has no kernel."""
+    base = torch.tensor([[1.0, 0.5], [0.25, -1.0], [0.5, 0.75]], dtype=torch.float64)
+    tall = base.to(device=device, dtype=dtype)
+    if operation == "inverse":  # QR: used at registration, on assignment and for checkpoint conversion
+        reflectors, tau = torch.geqrf(tall)
+        torch.linalg.householder_product(reflectors, tau)
+        return
+    if orthogonal_map == "householder":
+        leaf = tall.clone().requires_grad_(True)
+        lower = leaf.tril(-1)
+        tau = 2.0 / (1.0 + (lower * lower).sum(dim=-2))
+        out = torch.linalg.householder_product(lower, tau)
+    else:
+        square = (base @ base.T).to(device=device, dtype=dtype)
+        leaf = square.clone().requires_grad_(True)
+        skew = leaf.tril() - leaf.tril().mT
+        if orthogonal_map == "matrix_exp":
+            out = torch.matrix_exp(skew)
+        else:
+            eye = torch.eye(3, dtype=dtype, device=device)
+            out = torch.linalg.solve(eye - 0.5 * skew, eye + 0.5 * skew)
+    out.sum().backward()
+
+
+def _probe(orthogonal_map: str, dtype: torch.dtype, device_type: str, operation: Operation) -> bool:
+    if device_type == "meta":
+        return True  # meta tensors carry no data; every kernel "runs"
+    try:
+        device = torch.device(device_type)
+        with torch.enable_grad(), torch.autocast(device_type=device_type, enabled=False):
+            _run_kernels(orthogonal_map, dtype, device, operation)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
+def native_support(
+    orthogonal_map: str, dtype: torch.dtype, device_type: str, operation: Operation = "forward"
+) -> bool:
+    """Whether torch runs ``operation`` of ``orthogonal_map`` in ``dtype`` on ``device_type`` without a cast.
+
+    ``operation="forward"`` covers the map and its backward; ``"inverse"`` the QR used by the right inverse.
+    The first call per key probes (thread-safe); later calls read the cache. While torch.compile traces or a
+    CUDA graph captures, nothing is probed: an unknown key answers ``False`` (compute in float32, always safe).
+    """
+    _check_map(orthogonal_map)
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation has to be one of {', '.join(OPERATIONS)}; got {operation!r}")
+    key = (orthogonal_map, dtype, device_type, operation)
+    verdict = _verdicts.get(key)
+    if verdict is not None:
+        return verdict
+    if _is_tracing():
+        return False
+    with _lock:
+        verdict = _verdicts.get(key)
+        if verdict is None:
+            verdict = _probe(orthogonal_map, dtype, device_type, operation)
+            _verdicts[key] = verdict
+    return verdict
+
+
+def needs_upcast(orthogonal_map: str, dtype: torch.dtype, device_type: str, operation: Operation = "forward") -> bool:
+    """Whether the patch computes this operation in float32 instead of ``dtype``, under the policy in force."""
+    if dtype in (torch.float32, torch.float64):
+        return False
+    policy = upcast_policy()
+    if policy == "always":
+        return True
+    if policy == "never":
+        return False
+    return not native_support(orthogonal_map, dtype, device_type, operation)
+
+
+def compute_dtype(
+    orthogonal_map: str, dtype: torch.dtype, device_type: str, operation: Operation = "forward"
+) -> torch.dtype:
+    """The dtype the orthogonal map is computed in for a tensor stored in ``dtype``."""
+    return torch.float32 if needs_upcast(orthogonal_map, dtype, device_type, operation) else dtype
+
+
+def clear_cache() -> None:
+    """Forget every probe verdict (for tests, or after loading a torch extension that adds kernels)."""
+    with _lock:
+        _verdicts.clear()
+
+
+def support_table(device_types: tuple[str, ...] = ("cpu",)) -> list[dict[str, object]]:
+    """One row per (map, dtype, device type): native support of forward and inverse, and the cast in force."""
+    rows: list[dict[str, object]] = []
+    for device_type in device_types:
+        for orthogonal_map in MAPS:
+            for dtype in DTYPES:
+                forward = native_support(orthogonal_map, dtype, device_type, "forward")
+                inverse = native_support(orthogonal_map, dtype, device_type, "inverse")
+                rows.append(
+                    {
+                        "map": orthogonal_map,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "device_type": device_type,
+                        "native": forward and inverse,
+                        "native_forward": forward,
+                        "native_inverse": inverse,
+                        "upcast": needs_upcast(orthogonal_map, dtype, device_type, "forward")
+                        or needs_upcast(orthogonal_map, dtype, device_type, "inverse"),
+                    }
+                )
+    return rows

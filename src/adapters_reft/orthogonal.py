@@ -1,0 +1,301 @@
+r"""A dtype-safe orthogonal parametrization with an O(n·k) trivialization base.
+
+For a weight :math:`W` of shape ``(..., m, n)`` let :math:`X` be its tall view (``n × k`` after a transpose,
+``k = min(m, n)``). The weight is
+
+.. math:: W = B \cdot \phi(X_{\text{orig}}),
+
+where :math:`\phi` is ``householder``, ``matrix_exp`` or ``cayley`` (the same maps as
+:func:`torch.nn.utils.parametrizations.orthogonal`) and :math:`B` is the trivialization base: an orthogonal
+``n × n`` matrix whose first ``k`` columns are the initial weight, so that :math:`X_{\text{orig}}` starts at
+the identity point. Two layouts of :math:`B` exist:
+
+* ``compact`` (default for non-square weights): :math:`B = H_1 \cdots H_k S` stored as ``k`` Householder
+  reflectors and signs in one ``n × k`` tensor (strict lower triangle: reflectors with an implicit unit
+  diagonal; diagonal: ±1). Each reflector's scale :math:`2 / v^\top v` is recomputed from its vector, so
+  :math:`B` is orthogonal to working precision even when the tensor is stored in bf16. Memory O(n·k),
+  applying it O(n·k²), instead of torch's dense ``n × n`` base.
+* ``dense``: torch's own ``n × n`` base (same layout and values as ``torch.nn.utils.parametrizations``).
+
+The maps and QR factorizations are computed in float32 wherever :mod:`adapters_reft.compat` says the
+storage dtype has no native kernel (or the policy says so); results are cast back, and gradients reach the
+stored parameter through the casts. Nothing is stored in a dtype other than the weight's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from . import compat
+
+__all__ = ["DtypeSafeOrthogonal", "adopt_torch_orthogonal", "orthogonal"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _tall(x: Tensor) -> tuple[Tensor, bool]:
+    transposed = x.size(-2) < x.size(-1)
+    return (x.mT if transposed else x), transposed
+
+
+def _identity_point(like: Tensor) -> Tensor:
+    """The original tensor at which every map gives the first columns of the identity (diagonal of -1)."""
+    point = torch.zeros_like(like)
+    point.diagonal(dim1=-2, dim2=-1).fill_(-1.0)
+    return point
+
+
+def _map(x: Tensor, orthogonal_map: str) -> Tensor:
+    """Orthonormal ``n × k`` matrix from a tall ``n × k`` unconstrained tensor."""
+    n, k = x.size(-2), x.size(-1)
+    if orthogonal_map == "householder":
+        lower = x.tril(diagonal=-1)
+        tau = 2.0 / (1.0 + (lower * lower).sum(dim=-2))
+        q = torch.linalg.householder_product(lower, tau)
+        # The diagonal of x holds ±1 and only picks each column's sign; it is not trained.
+        return q * x.diagonal(dim1=-2, dim2=-1).int().unsqueeze(-2)
+    square = nn.functional.pad(x.tril(), (0, n - k)) if n != k else x.tril()
+    skew = square - square.mH
+    if orthogonal_map == "matrix_exp":
+        q = torch.matrix_exp(skew)
+    else:  # cayley: (I + A/2)(I - A/2)^{-1}
+        eye = torch.eye(n, dtype=x.dtype, device=x.device)
+        q = torch.linalg.solve(torch.add(eye, skew, alpha=-0.5), torch.add(eye, skew, alpha=0.5))
+    return q[..., :k] if n != k else q
+
+
+def _signs(diagonal: Tensor) -> Tensor:
+    return torch.where(diagonal < 0, -1.0, 1.0).to(diagonal.dtype)
+
+
+def _apply_compact_base(base: Tensor, y: Tensor) -> Tensor:
+    """``H_1 ⋯ H_k S @ y`` for a compact base (reflectors below the diagonal, signs on it)."""
+    k = base.size(-1)
+    eye = torch.eye(base.size(-2), k, dtype=base.dtype, device=base.device)
+    vectors = base.tril(diagonal=-1) + eye
+    tau = 2.0 / (vectors * vectors).sum(dim=-2)
+    signs = base.diagonal(dim1=-2, dim2=-1).int().to(y.dtype)
+    y = torch.cat([y[..., :k, :] * signs.unsqueeze(-1), y[..., k:, :]], dim=-2)
+    for i in reversed(range(k)):
+        v = vectors[..., :, i : i + 1]
+        y = y - (tau[..., i, None, None] * v) @ (v.mT @ y)
+    return y
+
+
+def _weight(original: Tensor, base: Tensor | None, orthogonal_map: str, dtype: torch.dtype) -> Tensor:
+    """``base · map(original)`` computed in ``dtype`` (autocast off: orthonormality is a numerics property)."""
+    with torch.autocast(device_type=original.device.type, enabled=False):
+        tall, transposed = _tall(original.to(dtype))
+        q = _map(tall, orthogonal_map)
+        if base is not None:
+            base = base.to(dtype)
+            q = base @ q if base.size(-1) == base.size(-2) else _apply_compact_base(base, q)
+        if transposed:
+            q = q.mT
+    return q.to(original.dtype)
+
+
+def _compact_base(q: Tensor) -> Tensor:
+    """Compact base whose first ``k`` columns equal the Q factor of ``q`` (with a non-negative R diagonal)."""
+    reflectors, tau = torch.geqrf(q)
+    signs = _signs(reflectors.diagonal(dim1=-2, dim2=-1))
+    # LAPACK uses tau == 0 for "no reflection"; the recomputed scale reflects there, so flip that sign back.
+    signs = torch.where(tau == 0, -signs, signs)
+    eye = torch.eye(q.size(-2), q.size(-1), dtype=q.dtype, device=q.device)
+    return reflectors.tril(diagonal=-1) + eye * signs.unsqueeze(-2)
+
+
+def _orthonormalize(a: Tensor) -> Tensor:
+    """Q factor of a tall matrix with a non-negative R diagonal."""
+    reflectors, tau = torch.geqrf(a)
+    q = torch.linalg.householder_product(reflectors, tau)
+    return q * reflectors.diagonal(dim1=-2, dim2=-1).sgn().unsqueeze(-2)
+
+
+def _is_orthogonal(q: Tensor) -> bool:
+    n, k = q.size(-2), q.size(-1)
+    eye = torch.eye(k, dtype=q.dtype, device=q.device)
+    return torch.allclose(q.mH @ q, eye, atol=10.0 * n * torch.finfo(q.dtype).eps)
+
+
+class DtypeSafeOrthogonal(nn.Module):
+    """Orthogonal parametrization that works for every floating storage dtype (see the module docstring).
+
+    ``base`` is a buffer in the weight's dtype: ``n × k`` (compact) or ``n × n`` (dense), or absent without
+    trivialization. In eval mode under ``no_grad`` the computed weight is cached until a parameter or
+    buffer changes (in-place update, ``load_state_dict``, ``.to()``) or ``train()`` is called.
+    """
+
+    base: Tensor | None
+
+    def __init__(
+        self, weight: Tensor, orthogonal_map: str, *, use_trivialization: bool = True, compact: bool = True
+    ) -> None:
+        super().__init__()
+        if weight.is_complex():
+            raise ValueError("adapters_reft.orthogonal supports real weights only; use torch's for complex ones")
+        compat._check_map(orthogonal_map)
+        self.shape = weight.shape
+        self.orthogonal_map = orthogonal_map
+        self.compact = compact
+        self._cache: tuple[tuple[Any, ...], Tensor] | None = None
+        if use_trivialization:
+            self.register_buffer("base", None)
+
+    @property
+    def use_trivialization(self) -> bool:
+        return hasattr(self, "base")
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        key = self._cache_key(x)
+        if key is not None and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        out = self._compute(x)
+        self._cache = (key, out) if key is not None else None
+        return out
+
+    def _compute(self, x: Tensor) -> Tensor:
+        dtype = compat.compute_dtype(self.orthogonal_map, x.dtype, x.device.type, "forward")
+        return _weight(x, getattr(self, "base", None), self.orthogonal_map, dtype)
+
+    def _cache_key(self, x: Tensor) -> tuple[Any, ...] | None:
+        if self.training or torch.is_grad_enabled() or compat._is_tracing() or x.device.type == "meta":
+            return None
+        base = getattr(self, "base", None)
+        tensors = (x,) if base is None else (x, base)
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+
+    def train(self, mode: bool = True) -> DtypeSafeOrthogonal:
+        self._cache = None
+        return super().train(mode)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DtypeSafeOrthogonal:
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- right inverse ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def right_inverse(self, q: Tensor) -> Tensor:
+        """Original tensor for a requested weight ``q`` (orthonormalized first if it is not orthogonal)."""
+        if q.shape != self.shape:
+            raise ValueError(
+                f"Expected a matrix or batch of matrices of shape {tuple(self.shape)}; got {tuple(q.shape)}"
+            )
+        self._cache = None
+        dtype = compat.compute_dtype("householder", q.dtype, q.device.type, "inverse")
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            tall, transposed = _tall(q.to(dtype))
+            if not self.use_trivialization:
+                return self._inverse_without_base(tall, transposed).to(q.dtype)
+            self.base = self._new_base(tall, rng_dtype=torch.float32 if q.dtype in _HALF else q.dtype).to(q.dtype)
+        return _identity_point(q)
+
+    def _inverse_without_base(self, tall: Tensor, transposed: bool) -> Tensor:
+        if self.orthogonal_map != "householder":
+            raise NotImplementedError(
+                "It is not possible to assign to the matrix_exp or cayley parametrizations when use_trivialization=False."
+            )
+        reflectors, tau = torch.geqrf(tall)
+        diagonal = reflectors.diagonal(dim1=-2, dim2=-1)
+        diagonal.copy_(torch.where(tau == 0, -_signs(diagonal), _signs(diagonal)))
+        return reflectors.mT if transposed else reflectors
+
+    def _new_base(self, tall: Tensor, rng_dtype: torch.dtype) -> Tensor:
+        n, k = tall.size(-2), tall.size(-1)
+        if n == k:
+            return tall.clone() if _is_orthogonal(tall) else _orthonormalize(tall)
+        # torch completes the base with n × (n - k) normal samples; draw them too, so the RNG stream (and with
+        # it every later layer's initialization) stays exactly where stock adapters leaves it.
+        filler = torch.randn(*tall.shape[:-2], n, n - k, dtype=rng_dtype, device=tall.device)
+        if self.compact:
+            return _compact_base(tall)
+        return _orthonormalize(torch.cat([tall, filler.to(tall.dtype)], dim=-1))
+
+
+def _convert_layout_on_load(
+    parametrization: DtypeSafeOrthogonal, state_dict: dict[str, Tensor], prefix: str, *_: Any, **__: Any
+) -> None:
+    """Load pre-hook of the ParametrizationList: accept a checkpoint whose base has the other layout.
+
+    A dense (stock) base loaded into a compact parametrization is converted: the weight it stands for is
+    computed in float64 and re-expressed as a compact base with the original at the identity point, so the
+    outputs stay the same. A compact base loaded into a dense parametrization is adopted as it is.
+    """
+    base_key, original_key = f"{prefix}0.base", f"{prefix}original"
+    current = getattr(parametrization, "base", None)
+    incoming = state_dict.get(base_key)
+    if current is None or incoming is None or incoming.shape == current.shape:
+        return
+    n = current.size(-2)
+    if incoming.size(-2) != n or incoming.size(-1) not in (n, min(parametrization.shape[-2:])):
+        return  # let torch report the shape mismatch
+    if incoming.size(-1) == n and current.size(-1) != n and original_key in state_dict:
+        original = state_dict[original_key]
+        weight = _weight(original.to(torch.float64), incoming, parametrization.orthogonal_map, torch.float64)
+        tall, _ = _tall(weight)
+        state_dict[base_key] = _compact_base(tall).to(current.dtype)
+        state_dict[original_key] = _identity_point(original)
+    else:
+        parametrization.base = torch.empty_like(incoming, dtype=current.dtype, device=current.device)
+
+
+def orthogonal(
+    module: nn.Module,
+    name: str = "weight",
+    orthogonal_map: str | None = None,
+    *,
+    use_trivialization: bool = True,
+    compact: bool = True,
+) -> nn.Module:
+    """Drop-in for :func:`torch.nn.utils.parametrizations.orthogonal` that works in every floating dtype.
+
+    ``compact=False`` keeps torch's dense ``n × n`` base (same state-dict layout as torch's); the default
+    stores it as ``k`` reflectors (O(n·k)). The map defaults as in torch: ``matrix_exp`` for square weights,
+    ``householder`` otherwise.
+    """
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if weight.ndim < 2:
+        raise ValueError(f"Expected a matrix or batch of matrices. Got a tensor of {weight.ndim} dimensions.")
+    if not weight.is_floating_point():
+        raise TypeError(f"orthogonal needs a floating-point weight; '{name}' has dtype {weight.dtype}")
+    if orthogonal_map is None:
+        orthogonal_map = "matrix_exp" if weight.size(-2) == weight.size(-1) else "householder"
+    parametrization = DtypeSafeOrthogonal(
+        weight, orthogonal_map, use_trivialization=use_trivialization, compact=compact
+    )
+    parametrize.register_parametrization(module, name, parametrization, unsafe=True)
+    _hook_layout_conversion(module.parametrizations[name], parametrization)
+    return module
+
+
+def _hook_layout_conversion(plist: nn.Module, parametrization: DtypeSafeOrthogonal) -> None:
+    plist._register_load_state_dict_pre_hook(
+        lambda state_dict, prefix, *args: _convert_layout_on_load(parametrization, state_dict, prefix)
+    )
+
+
+def adopt_torch_orthogonal(module: nn.Module, name: str = "weight") -> DtypeSafeOrthogonal:
+    """Replace torch's orthogonal parametrization on ``module.name`` by ours, keeping its tensors as they are.
+
+    The dense layout reads torch's ``original`` and ``base`` unchanged, so the weight is bit for bit the same
+    in float32 and every dtype now works.
+    """
+    plist = module.parametrizations[name]
+    stock = plist[0]
+    ours = DtypeSafeOrthogonal(
+        plist.original, stock.orthogonal_map.name, use_trivialization=hasattr(stock, "base"), compact=False
+    )
+    ours.shape = stock.shape
+    if ours.use_trivialization:
+        ours.base = stock.base
+    ours.train(stock.training)
+    plist[0] = ours
+    _hook_layout_conversion(plist, ours)
+    return ours
