@@ -135,7 +135,7 @@ def unit_class_for(stock_unit: type, *, compact: bool = True) -> type[ReftUnit]:
             clashes = set(names[: len(args)]) & kwargs.keys()
             if clashes:
                 raise TypeError(f"ReftUnit got multiple values for {sorted(clashes)}")
-            kwargs.update(zip(names, args))
+            kwargs.update(zip(names, args, strict=False))
             kwargs.setdefault("compact", compact)
             super().__init__(**kwargs)
 
