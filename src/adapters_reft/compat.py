@@ -5,7 +5,7 @@ other maps (``matrix_exp`` on CPU) do run in bf16. Rather than hard-coding a tab
 release would make wrong, each (map, dtype, device type, operation) is probed once on a tiny tensor and the
 verdict is cached. ``ADAPTERS_REFT_UPCAST`` overrides the resulting cast policy:
 
-* ``auto`` (default): compute in float32 only where the native kernel is missing;
+* ``auto`` (default): compute in float32 only where the native kernel is missing or gives wrong results;
 * ``always``: compute every orthogonal map in float32 (float64 stays float64);
 * ``never``: always use the storage dtype (torch raises where a kernel is missing).
 """
@@ -26,6 +26,7 @@ __all__ = [
     "POLICIES",
     "clear_cache",
     "compute_dtype",
+    "native_accurate",
     "native_support",
     "needs_upcast",
     "support_table",
@@ -40,7 +41,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 Operation = Literal["forward", "inverse"]
 
-_verdicts: dict[tuple[str, torch.dtype, str, str], bool] = {}
+# (map, dtype, device type, operation) -> (kernel runs, result accurate)
+_verdicts: dict[tuple[str, torch.dtype, str, str], tuple[bool, bool]] = {}
 _lock = threading.Lock()
 
 
@@ -72,52 +74,53 @@ def _is_tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _run_kernels(orthogonal_map: str, dtype: torch.dtype, device: torch.device, operation: Operation) -> None:
-    """Run the kernels an operation needs on a 3x2 problem; raises where torch has no kernel."""
-    base = torch.tensor([[1.0, 0.5], [0.25, -1.0], [0.5, 0.75]], dtype=torch.float64)
-    tall = base.to(device=device, dtype=dtype)
-    if operation == "inverse":  # QR: used at registration, on assignment and for checkpoint conversion
-        reflectors, tau = torch.geqrf(tall)
-        torch.linalg.householder_product(reflectors, tau)
-        return
-    if orthogonal_map == "householder":
-        leaf = tall.clone().requires_grad_(True)
-        lower = leaf.tril(-1)
-        tau = 2.0 / (1.0 + (lower * lower).sum(dim=-2))
-        out = torch.linalg.householder_product(lower, tau)
-    else:
-        square = (base @ base.T).to(device=device, dtype=dtype)
-        leaf = square.clone().requires_grad_(True)
-        skew = leaf.tril() - leaf.tril().mT
-        if orthogonal_map == "matrix_exp":
-            out = torch.matrix_exp(skew)
+def _reference_and_result(
+    orthogonal_map: str, dtype: torch.dtype, device: torch.device, operation: Operation
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the kernels an operation needs on a tiny problem (raises where torch has none); return
+    (float64 reference, result in ``dtype``) so the caller can also judge the result's accuracy."""
+    tall = torch.tensor([[1.0, 0.5], [0.25, -1.0], [0.5, 0.75]], dtype=torch.float64)
+
+    def run(dt: torch.dtype) -> torch.Tensor:
+        if operation == "inverse":  # QR: used at registration, on assignment and for checkpoint conversion
+            reflectors, tau = torch.geqrf(tall.to(device=device, dtype=dt))
+            return torch.linalg.householder_product(reflectors, tau)
+        if orthogonal_map == "householder":
+            leaf = (0.5 * tall).to(device=device, dtype=dt).requires_grad_(True)
+            lower = leaf.tril(-1)
+            tau = 2.0 / (1.0 + (lower * lower).sum(dim=-2))
+            out = torch.linalg.householder_product(lower, tau)
         else:
-            eye = torch.eye(3, dtype=dtype, device=device)
-            out = torch.linalg.solve(eye - 0.5 * skew, eye + 0.5 * skew)
-    out.sum().backward()
+            leaf = (0.5 * tall @ tall.T).to(device=device, dtype=dt).requires_grad_(True)
+            skew = leaf.tril() - leaf.tril().mT
+            if orthogonal_map == "matrix_exp":
+                out = torch.matrix_exp(skew)
+            else:
+                eye = torch.eye(3, dtype=dt, device=device)
+                out = torch.linalg.solve(eye - 0.5 * skew, eye + 0.5 * skew)
+        out.sum().backward()
+        return out.detach()
+
+    return run(torch.float64).cpu(), run(dtype).cpu().to(torch.float64)
 
 
-def _probe(orthogonal_map: str, dtype: torch.dtype, device_type: str, operation: Operation) -> bool:
+def _probe(orthogonal_map: str, dtype: torch.dtype, device_type: str, operation: Operation) -> tuple[bool, bool]:
+    """(kernel runs, and its result agrees with float64 to a few units in the last place of ``dtype``)."""
     if device_type == "meta":
-        return True  # meta tensors carry no data; every kernel "runs"
+        return True, True  # meta tensors carry no data; every kernel "runs"
     try:
         device = torch.device(device_type)
         with torch.enable_grad(), torch.autocast(device_type=device_type, enabled=False):
-            _run_kernels(orthogonal_map, dtype, device, operation)
+            reference, result = _reference_and_result(orthogonal_map, dtype, device, operation)
     except (RuntimeError, NotImplementedError, TypeError):
-        return False
-    return True
+        return False, False
+    accurate = (
+        bool(torch.isfinite(result).all()) and (result - reference).abs().max().item() <= 8 * torch.finfo(dtype).eps
+    )
+    return True, accurate
 
 
-def native_support(
-    orthogonal_map: str, dtype: torch.dtype, device_type: str, operation: Operation = "forward"
-) -> bool:
-    """Whether torch runs ``operation`` of ``orthogonal_map`` in ``dtype`` on ``device_type`` without a cast.
-
-    ``operation="forward"`` covers the map and its backward; ``"inverse"`` the QR used by the right inverse.
-    The first call per key probes (thread-safe); later calls read the cache. While torch.compile traces or a
-    CUDA graph captures, nothing is probed: an unknown key answers ``False`` (compute in float32, always safe).
-    """
+def _verdict(orthogonal_map: str, dtype: torch.dtype, device_type: str, operation: Operation) -> tuple[bool, bool]:
     _check_map(orthogonal_map)
     if operation not in OPERATIONS:
         raise ValueError(f"operation has to be one of {', '.join(OPERATIONS)}; got {operation!r}")
@@ -126,13 +129,37 @@ def native_support(
     if verdict is not None:
         return verdict
     if _is_tracing():
-        return False
+        return False, False
     with _lock:
         verdict = _verdicts.get(key)
         if verdict is None:
             verdict = _probe(orthogonal_map, dtype, device_type, operation)
             _verdicts[key] = verdict
     return verdict
+
+
+def native_support(
+    orthogonal_map: str, dtype: torch.dtype, device_type: str, operation: Operation = "forward"
+) -> bool:
+    """Whether torch has a kernel for ``operation`` of ``orthogonal_map`` in ``dtype`` on ``device_type``.
+
+    ``operation="forward"`` covers the map and its backward; ``"inverse"`` the QR used by the right inverse.
+    The first call per key probes (thread-safe); later calls read the cache. While torch.compile traces or a
+    CUDA graph captures, nothing is probed: an unknown key answers ``False`` (compute in float32, always safe).
+    """
+    return _verdict(orthogonal_map, dtype, device_type, operation)[0]
+
+
+def native_accurate(
+    orthogonal_map: str, dtype: torch.dtype, device_type: str, operation: Operation = "forward"
+) -> bool:
+    """Whether that kernel exists *and* its result agrees with float64 on the probe problem.
+
+    Some kernels run but are wrong: on torch 2.13 CPU ``matrix_exp`` in bf16/fp16 returns values around
+    1e30 for a rotation by 0.5 rad. The ``auto`` policy treats such a kernel as missing.
+    """
+    runs, accurate = _verdict(orthogonal_map, dtype, device_type, operation)
+    return runs and accurate
 
 
 def needs_upcast(orthogonal_map: str, dtype: torch.dtype, device_type: str, operation: Operation = "forward") -> bool:
@@ -144,7 +171,7 @@ def needs_upcast(orthogonal_map: str, dtype: torch.dtype, device_type: str, oper
         return True
     if policy == "never":
         return False
-    return not native_support(orthogonal_map, dtype, device_type, operation)
+    return not native_accurate(orthogonal_map, dtype, device_type, operation)
 
 
 def compute_dtype(
@@ -176,6 +203,8 @@ def support_table(device_types: tuple[str, ...] = ("cpu",)) -> list[dict[str, ob
                         "native": forward and inverse,
                         "native_forward": forward,
                         "native_inverse": inverse,
+                        "accurate": native_accurate(orthogonal_map, dtype, device_type, "forward")
+                        and native_accurate(orthogonal_map, dtype, device_type, "inverse"),
                         "upcast": needs_upcast(orthogonal_map, dtype, device_type, "forward")
                         or needs_upcast(orthogonal_map, dtype, device_type, "inverse"),
                     }

@@ -56,8 +56,10 @@ def _map(x: Tensor, orthogonal_map: str) -> Tensor:
         lower = x.tril(diagonal=-1)
         tau = 2.0 / (1.0 + (lower * lower).sum(dim=-2))
         q = torch.linalg.householder_product(lower, tau)
-        # The diagonal of x holds ±1 and only picks each column's sign; it is not trained.
-        return q * x.diagonal(dim1=-2, dim2=-1).int().unsqueeze(-2)
+        # The diagonal of x holds ±1 and only picks each column's sign; it gets no gradient. torch reads it
+        # with .int(), which truncates -0.99999 to 0 once AdamW's weight decay has touched it and zeroes the
+        # whole column; .sign() gives the same ±1 on untouched values and stays right after decay.
+        return q * x.diagonal(dim1=-2, dim2=-1).sign().unsqueeze(-2)
     square = nn.functional.pad(x.tril(), (0, n - k)) if n != k else x.tril()
     skew = square - square.mH
     if orthogonal_map == "matrix_exp":
@@ -78,7 +80,7 @@ def _apply_compact_base(base: Tensor, y: Tensor) -> Tensor:
     eye = torch.eye(base.size(-2), k, dtype=base.dtype, device=base.device)
     vectors = base.tril(diagonal=-1) + eye
     tau = 2.0 / (vectors * vectors).sum(dim=-2)
-    signs = base.diagonal(dim1=-2, dim2=-1).int().to(y.dtype)
+    signs = base.diagonal(dim1=-2, dim2=-1).sign().to(y.dtype)
     y = torch.cat([y[..., :k, :] * signs.unsqueeze(-1), y[..., k:, :]], dim=-2)
     for i in reversed(range(k)):
         v = vectors[..., :, i : i + 1]
@@ -87,7 +89,7 @@ def _apply_compact_base(base: Tensor, y: Tensor) -> Tensor:
 
 
 def _weight(original: Tensor, base: Tensor | None, orthogonal_map: str, dtype: torch.dtype) -> Tensor:
-    """``base · map(original)`` computed in ``dtype`` (autocast off: orthonormality is a numerics property)."""
+    """``base · map(original)`` computed and returned in ``dtype`` (autocast off: orthonormality is numerics)."""
     with torch.autocast(device_type=original.device.type, enabled=False):
         tall, transposed = _tall(original.to(dtype))
         q = _map(tall, orthogonal_map)
@@ -96,7 +98,7 @@ def _weight(original: Tensor, base: Tensor | None, orthogonal_map: str, dtype: t
             q = base @ q if base.size(-1) == base.size(-2) else _apply_compact_base(base, q)
         if transposed:
             q = q.mT
-    return q.to(original.dtype)
+    return q
 
 
 def _compact_base(q: Tensor) -> Tensor:
@@ -161,7 +163,7 @@ class DtypeSafeOrthogonal(nn.Module):
 
     def _compute(self, x: Tensor) -> Tensor:
         dtype = compat.compute_dtype(self.orthogonal_map, x.dtype, x.device.type, "forward")
-        return _weight(x, getattr(self, "base", None), self.orthogonal_map, dtype)
+        return _weight(x, getattr(self, "base", None), self.orthogonal_map, dtype).to(x.dtype)
 
     def _cache_key(self, x: Tensor) -> tuple[Any, ...] | None:
         if self.training or torch.is_grad_enabled() or compat._is_tracing() or x.device.type == "meta":
