@@ -11,7 +11,8 @@ Each rank runs one training step (forward, backward, AdamW step) and a second no
 ``OUT_DIR/rank{RANK}.pt``: a dict with ``ok`` and, on success, the loss, the trainable tensors before and
 after the step (full tensors, also for FSDP2), their gradients, the projection weights ``R`` the model used
 in the forward after the step (captured from the orthogonal parametrization, in the dtype the model ran
-in), and the inputs; on failure the exception type and message. The test process makes every assertion.
+in), and the inputs; on failure the exception type and message, or ``unsupported`` when FSDP2 cannot train
+even a plain MLP on CPU in this torch. The test process makes every assertion.
 """
 
 from __future__ import annotations
@@ -81,6 +82,19 @@ def _capture_projections(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor
     return captured, handles
 
 
+def _fsdp2_unsupported(fully_shard, policy) -> str | None:
+    """Why FSDP2 cannot train even a plain two-layer MLP here (CPU/gloo support came after FSDP2 itself:
+    torch 2.6 fails with "'Stream' object has no attribute 'record_event'"), or None when it can."""
+    try:
+        probe = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+        fully_shard(probe[0], mp_policy=policy)
+        fully_shard(probe, mp_policy=policy)
+        probe(torch.randn(2, 8)).sum().backward()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def run(mode: str, dtype: torch.dtype, patched: bool, rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
@@ -100,8 +114,11 @@ def run(mode: str, dtype: torch.dtype, patched: bool, rank: int, world_size: int
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         except ImportError:
             from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-        model = build_model(torch.float32)
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        unsupported = _fsdp2_unsupported(fully_shard, policy)
+        if unsupported is not None:
+            return {"ok": False, "unsupported": unsupported, "error_type": None, "error": None}
+        model = build_model(torch.float32)
         for layer in model.model.layers:
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
