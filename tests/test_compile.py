@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -37,6 +38,30 @@ def _require_compile(backend: str) -> None:
         )
     if backend == "inductor" and not (os.environ.get("CXX") or any(map(shutil.which, ("g++", "c++", "clang++")))):
         pytest.skip("inductor's CPU backend needs a C++ compiler; none found")
+
+
+@functools.cache
+def _adapters_model_untraceable() -> str | None:
+    """Why dynamo cannot trace an adapters model at all (no ReFT, stock code only), or None when it can.
+
+    torch 2.2's dynamo fails inside adapters' ForwardContext/AdapterSetup bookkeeping ("list index out of
+    range" from a try/except IndexError), whatever adapter is used; that is no ReFT problem.
+    """
+    import torch._dynamo
+
+    model = tiny_llama(torch.float32, layers=1)
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend="eager")(_ids())
+    except Exception as exc:
+        return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+    finally:
+        torch._dynamo.reset()
+    return None
+
+
+def _torch_older_than(major: int, minor: int) -> bool:
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (major, minor)
 
 
 @pytest.fixture(autouse=True)
@@ -88,6 +113,9 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 )
 def test_compiled_model_matches_eager(dtype: torch.dtype, backend: str, layers: int, tolerance: dict) -> None:
     _require_compile(backend)
+    reason = _adapters_model_untraceable()
+    if reason is not None:
+        pytest.skip(f"torch {torch.__version__} cannot compile an adapters model even without ReFT: {reason}")
     eager_model = _build(dtype, layers)
     eager_loss, eager_logits, eager_grads = _step(eager_model, _trainable(eager_model))
 
@@ -160,6 +188,12 @@ def test_compiled_orthogonal_linear_bf16_inductor() -> None:
     assert (r @ r.T - torch.eye(4)).abs().max() < 2e-2
 
 
+@pytest.mark.xfail(
+    _torch_older_than(2, 3),
+    strict=True,
+    reason="adapters_reft bug on torch 2.2: AOTAutograd traces the parametrization where is_compiling() is "
+    "False, so the eval cache stores a FunctionalTensor and the compiled call raises",
+)
 def test_compiled_eval_forward_sees_in_place_updates() -> None:
     """Eval + no_grad caches R in eager mode; a compiled graph must recompute it after a parameter changes."""
     _require_compile("aot_eager")
