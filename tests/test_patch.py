@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import adapters_reft
+from adapters_reft import scenarios
 from adapters_reft.reft import ReftUnit
 from adapters_reft.scenarios import _inputs, tiny_llama
 
@@ -88,17 +89,25 @@ def test_patch_model_converts_existing_units_bit_for_bit(stock: None) -> None:
             assert torch.equal(model(_inputs()).logits, expected)
         model.to(torch.bfloat16)  # stock would now raise orgqr_cpu ... 'BFloat16'
         with torch.no_grad():
-            logits = model(_inputs()).logits
-        assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+            out = model(_inputs(), output_hidden_states=True)
+        assert out.hidden_states[-1].dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
         assert adapters_reft.convert_units(model) == 0  # nothing left to convert
     finally:
         adapters_reft.unpatch()
 
 
+def _bf16_config() -> adapters.LoReftConfig:
+    try:
+        return scenarios._lo(dtype="bfloat16")
+    except scenarios.ScenarioUnavailable as exc:
+        pytest.skip(str(exc))
+
+
 def test_no_broken_half_precision_warning(patched: None, caplog: pytest.LogCaptureFixture) -> None:
+    config = _bf16_config()
     with caplog.at_level(logging.WARNING):
         model = tiny_llama(torch.bfloat16)
-        model.add_adapter("reft", config=adapters.LoReftConfig(dtype="bfloat16"))
+        model.add_adapter("reft", config=config)
     assert not [r for r in caplog.records if "Orthogonal parametrization is not supported" in r.getMessage()]
     unit = model.model.layers[0].reft_layer.refts["reft"].units[0]
     assert unit.projection.parametrizations.weight.original.dtype == torch.bfloat16  # not moved to fp32
@@ -129,14 +138,14 @@ def _formatting_errors(build: object) -> list[str]:
 
 def _bf16_lo_reft() -> None:
     model = tiny_llama(torch.bfloat16)
-    model.add_adapter("reft", config=adapters.LoReftConfig(dtype="bfloat16"))
+    model.add_adapter("reft", config=_bf16_config())
 
 
 def test_stock_warning_call_crashes_inside_logging(stock: None) -> None:
-    if adapters_reft.adapters_version().startswith("1.0."):
-        pytest.skip("adapters 1.0.x has no dtype argument and no such warning")
+    _bf16_config()  # adapters 1.0.x has no dtype argument and no such warning
     assert any("not all arguments converted" in e for e in _formatting_errors(_bf16_lo_reft))
 
 
 def test_patched_unit_logs_nothing_broken(patched: None) -> None:
+    _bf16_config()
     assert _formatting_errors(_bf16_lo_reft) == []

