@@ -16,11 +16,11 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_shows_stock_failing_and_patched_passing() -> None:
-    proc = _run("check", "--json", "bf16-dtype", "fp32-to-half", "bf16-autocast")
+    proc = _run("check", "--json", "bf16-default", "fp32-to-half", "bf16-autocast")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
-    assert all(r["patched"]["ok"] for r in rows.values())
-    assert not rows["bf16-dtype"]["stock"]["ok"]
+    assert all(r["patched"]["ok"] and r["patched"]["available"] for r in rows.values())
+    assert "dtype" in rows["bf16-default"]["stock"]["detail"] and not rows["bf16-default"]["stock"]["ok"]
     assert "not implemented for 'Half'" in rows["fp32-to-half"]["stock"]["detail"]
     assert rows["bf16-autocast"]["stock"]["ok"]
 
