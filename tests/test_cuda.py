@@ -10,9 +10,9 @@ checks on the CPU (a dry run of this file's logic where no GPU exists; the ``cud
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from collections.abc import Callable
 
 import adapters
 import pytest
@@ -75,10 +75,13 @@ def _orthonormality_error(model: nn.Module) -> float:
 
 
 def _assert_forward(model: nn.Module, dtype: torch.dtype, adapter_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Logits in the model's dtype, finite, on the device; the ReFT units are the patched ones, on the device,
-    in ``adapter_dtype``; and the adapter really changes the output (it is active)."""
-    logits = _logits(model)
-    assert logits.dtype == dtype
+    """Hidden states (the ReFT outputs) in the model's dtype, finite logits on the device; the ReFT units are
+    the patched ones, on the device, in ``adapter_dtype``; and the adapter really changes the output."""
+    with torch.no_grad():
+        out = model(_inputs(), output_hidden_states=True)
+    logits = out.logits
+    assert all(h.dtype == dtype for h in out.hidden_states)
+    assert logits.dtype in (dtype, torch.float32)  # transformers < 4.45 upcasts Llama logits to fp32
     assert logits.device.type == DEVICE_TYPE
     assert torch.isfinite(logits).all()
     units = _units(model)
@@ -98,8 +101,17 @@ def _assert_forward(model: nn.Module, dtype: torch.dtype, adapter_dtype: torch.d
     return logits
 
 
-def _lo(**kwargs: object) -> adapters.LoReftConfig:
-    return adapters.LoReftConfig(**kwargs)
+def _config(cls: type, **kwargs: object) -> object:
+    """A ReFT config; skips the test where this adapters release has no ``dtype`` field (adapters 1.0)."""
+    if kwargs.get("dtype") is None:
+        kwargs.pop("dtype", None)
+    elif "dtype" not in {f.name for f in dataclasses.fields(cls)}:
+        pytest.skip(f"adapters {adapters.__version__} ReFT configs have no dtype field (added in 1.1)")
+    return cls(**kwargs)
+
+
+def _lo(**kwargs: object) -> object:
+    return _config(adapters.LoReftConfig, **kwargs)
 
 
 # -- the precision setups --------------------------------------------------------------------------------------------
@@ -152,10 +164,10 @@ def test_adapter_built_directly_on_the_device(dtype_name: str | None) -> None:
 
 @pytest.mark.usefixtures("patched")
 @pytest.mark.parametrize("config", [adapters.NoReftConfig, adapters.DiReftConfig], ids=["noreft", "direft"])
-def test_noreft_and_direft_bf16(config: Callable[[], object]) -> None:
-    model = _reft(_model(torch.bfloat16), config())
+def test_noreft_and_direft_bf16(config: type) -> None:
+    model = _reft(_model(torch.bfloat16), _config(config))
     _assert_forward(model, torch.bfloat16, adapter_dtype=torch.float32)
-    model = _reft(_model(torch.bfloat16), config(dtype="bfloat16"))
+    model = _reft(_model(torch.bfloat16), _config(config, dtype="bfloat16"))
     _assert_forward(model, torch.bfloat16)
 
 
@@ -284,7 +296,8 @@ def test_stock_adapters_fail_after_to_bfloat16(stock: None) -> None:
         pytest.skip(f"torch {torch.__version__} has a bf16 householder_product on {DEVICE_TYPE}: the bug is gone")
     model = _reft(_model(torch.float32), _lo()).to(torch.bfloat16)
     message = f"\"orgqr_{DEVICE_TYPE}\" not implemented for 'BFloat16'"
-    with pytest.raises(NotImplementedError, match=re.escape(message)):
+    # NotImplementedError since torch 2.3 (a RuntimeError subclass; torch 2.2 raises a plain RuntimeError)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
         _logits(model)
 
 

@@ -249,5 +249,5 @@ def test_fsdp2_bf16_stock_adapters_fails_in_orgqr(tmp_path: Path) -> None:
     results = _launch(tmp_path, "fsdp2", "bfloat16", "stock")
     for rank, result in enumerate(results):
         assert not result["ok"], f"rank {rank}: stock adapters unexpectedly trained under FSDP2 bf16"
-        assert result["error_type"] == "NotImplementedError", result
+        assert result["error_type"] in ("NotImplementedError", "RuntimeError"), result  # RuntimeError: torch 2.2
         assert "orgqr" in result["error"] and "BFloat16" in result["error"], result["error"]
