@@ -15,20 +15,7 @@ STOCK_WORKS = {"bf16-autocast"}
 FAILS_ON_STOCK = [n for n in SCENARIOS if n not in STOCK_WORKS]
 
 
-def _fsdp2_available() -> bool:
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:
-        try:
-            from torch.distributed._composable.fsdp import fully_shard  # noqa: F401
-        except ImportError:
-            return False
-    return True
-
-
 def _run(name: str) -> str:
-    if name == "fsdp2-bf16" and not _fsdp2_available():
-        pytest.skip(f"FSDP2 (fully_shard) is not in torch {torch.__version__}")
     try:
         return SCENARIOS[name][1]()
     except scenarios.ScenarioUnavailable as exc:

@@ -62,16 +62,23 @@ def _check_map(orthogonal_map: str) -> None:
 
 
 def _is_tracing() -> bool:
-    """True while torch.compile traces or a CUDA graph captures: probing then would break the trace."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        if compiler.is_compiling():
-            return True
-    else:  # torch < 2.3
-        dynamo = getattr(torch, "_dynamo", None)
-        if dynamo is not None and getattr(dynamo, "is_compiling", lambda: False)():
-            return True
+    """True while torch.compile/export traces or a CUDA graph captures: probing (or caching) then would put
+    tracing placeholders where real tensors belong."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if is_compiling is None:  # torch < 2.3
+        is_compiling = getattr(getattr(torch, "_dynamo", None), "is_compiling", None)
+    if is_compiling is not None and is_compiling():
+        return True
+    # AOT tracing on torch 2.2 runs user code with fake/functional tensors outside dynamo's "compiling" flag
+    detect_fake_mode = getattr(getattr(torch, "_guards", None), "detect_fake_mode", None)
+    if detect_fake_mode is not None and detect_fake_mode() is not None:
+        return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def is_plain_tensor(x: torch.Tensor) -> bool:
+    """A real tensor or parameter, not a fake/functional/proxy stand-in that a tracer passes through user code."""
+    return type(x) in (torch.Tensor, torch.nn.Parameter)
 
 
 def _reference_and_result(

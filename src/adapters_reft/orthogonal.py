@@ -166,10 +166,12 @@ class DtypeSafeOrthogonal(nn.Module):
         return _weight(x, getattr(self, "base", None), self.orthogonal_map, dtype).to(x.dtype)
 
     def _cache_key(self, x: Tensor) -> tuple[Any, ...] | None:
-        if self.training or torch.is_grad_enabled() or compat._is_tracing() or x.device.type == "meta":
+        if self.training or torch.is_grad_enabled() or x.device.type == "meta" or compat._is_tracing():
             return None
         base = getattr(self, "base", None)
         tensors = (x,) if base is None else (x, base)
+        if not all(compat.is_plain_tensor(t) for t in tensors):
+            return None
         return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
 
     def train(self, mode: bool = True) -> DtypeSafeOrthogonal:
