@@ -60,10 +60,6 @@ def _adapters_model_untraceable() -> str | None:
     return None
 
 
-def _torch_older_than(major: int, minor: int) -> bool:
-    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (major, minor)
-
-
 @pytest.fixture(autouse=True)
 def _fresh_dynamo() -> Iterator[None]:
     """Each test compiles from scratch (no recompile limits carried over); one compile thread on small CPUs."""
@@ -188,12 +184,6 @@ def test_compiled_orthogonal_linear_bf16_inductor() -> None:
     assert (r @ r.T - torch.eye(4)).abs().max() < 2e-2
 
 
-@pytest.mark.xfail(
-    _torch_older_than(2, 3),
-    strict=True,
-    reason="adapters_reft bug on torch 2.2: AOTAutograd traces the parametrization where is_compiling() is "
-    "False, so the eval cache stores a FunctionalTensor and the compiled call raises",
-)
 def test_compiled_eval_forward_sees_in_place_updates() -> None:
     """Eval + no_grad caches R in eager mode; a compiled graph must recompute it after a parameter changes."""
     _require_compile("aot_eager")

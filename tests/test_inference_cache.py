@@ -99,6 +99,9 @@ def test_inference_mode_uses_the_cache(maps: Counter) -> None:
 def test_model_forward_and_generate_compute_each_unit_once(patched: None, maps: Counter) -> None:
     import adapters
 
+    if tuple(int(p) for p in adapters.__version__.split(".")[:2]) < (1, 1):
+        pytest.skip(f"adapters {adapters.__version__} ReFT cannot generate (3 prefix positions of a 1-token step)")
+
     model = tiny_llama()
     # prefix positions only: stock adapters' suffix gather fails in cached generation (index out of range)
     model.add_adapter("reft", config=adapters.LoReftConfig(r=2, prefix_positions=2))

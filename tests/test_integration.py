@@ -114,8 +114,8 @@ def test_save_in_one_precision_load_in_another(patched: None, tmp_path, save_dty
     atol = 1e-6 if torch.bfloat16 not in (save_dtype, load_dtype) else 4 * torch.finfo(torch.bfloat16).eps
     assert torch.allclose(got, expected, atol=atol)
     with torch.no_grad():
-        logits = fresh(_inputs()).logits
-    assert logits.dtype == load_dtype and torch.isfinite(logits).all()
+        out = fresh(_inputs(), output_hidden_states=True)
+    assert out.hidden_states[-1].dtype == load_dtype and torch.isfinite(out.logits).all()
 
 
 def _gpt2(dtype: torch.dtype) -> torch.nn.Module:

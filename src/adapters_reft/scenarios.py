@@ -62,11 +62,21 @@ class ScenarioUnavailable(Exception):
     """The setup does not exist in the installed versions (e.g. ``ReftConfig.dtype`` before adapters 1.1)."""
 
 
+def _logits_upcast() -> bool:
+    """transformers < 4.45 returns Llama logits upcast to float32 whatever the model's dtype."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) < Version("4.45")
+
+
 def _forward(model: nn.Module, dtype: torch.dtype, *, check_hidden: bool = True) -> str:
     with torch.no_grad():
         out = model(_inputs(), output_hidden_states=True)
-    # transformers < 4.45 returns Llama logits upcast to fp32, so the residual stream tells the dtype
+    # the residual stream tells the model's dtype; logits (checked under autocast) may be upcast
     produced = out.hidden_states[-1].dtype if check_hidden else out.logits.dtype
+    if not check_hidden and _logits_upcast():
+        produced = dtype if produced == torch.float32 else produced
     if produced != dtype:
         raise TypeError(f"{'hidden states' if check_hidden else 'logits'} came back as {produced}, expected {dtype}")
     if not torch.isfinite(out.logits).all():

@@ -117,9 +117,9 @@ for name, config in (("loreft", adapters.LoReftConfig()), ("noreft", adapters.No
     model.set_active_adapters("reft")
     try:
         with torch.no_grad():
-            logits = model(ids).logits
-        ok = logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
-        report["checks"][name + "-bf16-forward"] = "ok" if ok else f"bad logits ({logits.dtype})"
+            hidden = model(ids, output_hidden_states=True).hidden_states[-1]  # logits may be upcast to fp32
+        ok = hidden.dtype == torch.bfloat16 and bool(torch.isfinite(hidden).all())
+        report["checks"][name + "-bf16-forward"] = "ok" if ok else f"bad hidden states ({hidden.dtype})"
     except Exception as exc:
         report["checks"][name + "-bf16-forward"] = f"{type(exc).__name__}: {exc}"
 model = llama(torch.bfloat16)

@@ -55,7 +55,8 @@ class ReftPrecisionTestMixin:
         return torch.randint(1, self.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
 
     def run_model(self, model):
-        return model(self.get_input())[0]
+        # the last hidden state: some transformers releases return causal-LM logits upcast to float32
+        return model(self.get_input(), output_hidden_states=True).hidden_states[-1]
 
     def add_reft(self, model, config, name="reft"):
         model.add_adapter(name, config=config)
