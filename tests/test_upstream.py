@@ -355,7 +355,7 @@ def test_measured_table(source_tree: Path, tmp_path: Path) -> None:
     assert set(rows) == {"bf16-default", "noreft-bf16"}
     for row in rows.values():
         assert row["patched"]["ok"] and not row["stock"]["ok"]  # type: ignore[index]
-    assert result.upstream_tests["patched"].endswith(": OK")
+    assert re.search(r": OK( \(skipped=\d+\))?$", result.upstream_tests["patched"])  # fp16 skipped on torch 2.2 CPU
     assert "FAILED" in result.upstream_tests["stock"]
     text = result.pull_request.read_text(encoding="utf-8")
     assert "| bf16 model, LoReftConfig() | ❌ RuntimeError: mat1 and mat2 must have the same dtype" in text
