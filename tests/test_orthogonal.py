@@ -235,3 +235,17 @@ def test_adamw_weight_decay_keeps_the_weight_orthonormal() -> None:
     ours = train(orthogonal(nn.Linear(8, 2, bias=False)))
     assert torch.count_nonzero(stock) == 0  # the torch bug this guards against
     assert _gram_error(ours) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (4, 4), (17,), (64, 63), (2, 33, 31)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_rng_advance_matches_randn(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """The compact base skips torch's n × (n - k) filler but must consume the same random numbers."""
+    from adapters_reft.orthogonal import _advance_rng_like_randn
+
+    torch.manual_seed(11)
+    torch.randn(shape, dtype=dtype)
+    expected = torch.rand(5)
+    torch.manual_seed(11)
+    _advance_rng_like_randn(shape, dtype, torch.device("cpu"))
+    assert torch.equal(torch.rand(5), expected)

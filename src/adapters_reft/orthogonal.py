@@ -24,6 +24,8 @@ stored parameter through the casts. Nothing is stored in a dtype other than the 
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import torch
@@ -116,6 +118,36 @@ def _orthonormalize(a: Tensor) -> Tensor:
     reflectors, tau = torch.geqrf(a)
     q = torch.linalg.householder_product(reflectors, tau)
     return q * reflectors.diagonal(dim1=-2, dim2=-1).sgn().unsqueeze(-2)
+
+
+_RAW_DRAWS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+@functools.cache
+def _raw_draws_match_randn(dtype: torch.dtype) -> bool:
+    """Whether ``_advance_rng_like_randn`` leaves the CPU generator exactly where ``randn`` does (checked on
+    this torch build once, on sizes that hit each of randn's code paths, since that is an implementation detail)."""
+    for n in (17, 4096, 4099, 65537):
+        reference, candidate = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        torch.randn(n, dtype=dtype, generator=reference)
+        torch.empty(_raw_count(n), dtype=_RAW_DRAWS[dtype]).random_(generator=candidate)
+        if not torch.equal(reference.get_state(), candidate.get_state()):
+            return False
+    return True
+
+
+def _raw_count(n: int) -> int:
+    # CPU randn of >= 16 values draws one raw number per value, plus 16 to redo a ragged last block
+    return n + (16 if n % 16 else 0)
+
+
+def _advance_rng_like_randn(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """Consume the random numbers ``torch.randn(shape)`` would, about twice as fast on CPU (no Box-Muller)."""
+    n = math.prod(shape)
+    if device.type == "cpu" and n >= 16 and dtype in _RAW_DRAWS and _raw_draws_match_randn(dtype):
+        torch.empty(_raw_count(n), dtype=_RAW_DRAWS[dtype]).random_()
+    else:
+        torch.randn(shape, dtype=dtype, device=device)
 
 
 def _is_orthogonal(q: Tensor) -> bool:
@@ -213,11 +245,13 @@ class DtypeSafeOrthogonal(nn.Module):
         n, k = tall.size(-2), tall.size(-1)
         if n == k:
             return tall.clone() if _is_orthogonal(tall) else _orthonormalize(tall)
-        # torch completes the base with n × (n - k) normal samples; draw them too, so the RNG stream (and with
-        # it every later layer's initialization) stays exactly where stock adapters leaves it.
-        filler = torch.randn(*tall.shape[:-2], n, n - k, dtype=rng_dtype, device=tall.device)
+        # torch completes the base with n × (n - k) normal samples: the compact base does not need them, but
+        # the RNG stream (and with it every later layer's initialization) must stay where stock leaves it.
+        shape = (*tall.shape[:-2], n, n - k)
         if self.compact:
+            _advance_rng_like_randn(shape, rng_dtype, tall.device)
             return _compact_base(tall)
+        filler = torch.randn(shape, dtype=rng_dtype, device=tall.device)
         return _orthonormalize(torch.cat([tall, filler.to(tall.dtype)], dim=-1))
 
 
