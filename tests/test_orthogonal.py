@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import assume, given
@@ -249,3 +251,16 @@ def test_rng_advance_matches_randn(shape: tuple[int, ...], dtype: torch.dtype) -
     torch.manual_seed(11)
     _advance_rng_like_randn(shape, dtype, torch.device("cpu"))
     assert torch.equal(torch.rand(5), expected)
+
+
+def test_deepcopy_hooks_the_copy() -> None:
+    """Loading a dense (torch-layout) state dict into a deep copy converts the copy and leaves the original."""
+    torch.manual_seed(0)
+    layer = orthogonal(nn.Linear(8, 2, bias=False))
+    clone = copy.deepcopy(layer)
+    torch.manual_seed(1)
+    dense = parametrizations.orthogonal(nn.Linear(8, 2, bias=False))
+    clone.load_state_dict(dense.state_dict())
+    assert clone.parametrizations.weight[0].base.shape == (8, 2)  # converted to the compact layout
+    assert torch.allclose(clone.weight, dense.weight, atol=1e-6)
+    assert not torch.allclose(layer.weight, dense.weight, atol=1e-3)  # the original is untouched

@@ -214,6 +214,10 @@ class DtypeSafeOrthogonal(nn.Module):
         self._cache = None
         return super()._apply(fn, *args, **kwargs)
 
+    def convert_layout_on_load(self, state_dict: dict[str, Tensor], prefix: str, *_: Any) -> None:
+        """Load pre-hook registered on the owning ParametrizationList (see ``_convert_layout_on_load``)."""
+        _convert_layout_on_load(self, state_dict, prefix)
+
     # -- right inverse ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def right_inverse(self, q: Tensor) -> Tensor:
@@ -255,9 +259,7 @@ class DtypeSafeOrthogonal(nn.Module):
         return _orthonormalize(torch.cat([tall, filler.to(tall.dtype)], dim=-1))
 
 
-def _convert_layout_on_load(
-    parametrization: DtypeSafeOrthogonal, state_dict: dict[str, Tensor], prefix: str, *_: Any, **__: Any
-) -> None:
+def _convert_layout_on_load(parametrization: DtypeSafeOrthogonal, state_dict: dict[str, Tensor], prefix: str) -> None:
     """Load pre-hook of the ParametrizationList: accept a checkpoint whose base has the other layout.
 
     A dense (stock) base loaded into a compact parametrization is converted: the weight it stands for is
@@ -314,9 +316,8 @@ def orthogonal(
 
 
 def _hook_layout_conversion(plist: nn.Module, parametrization: DtypeSafeOrthogonal) -> None:
-    plist._register_load_state_dict_pre_hook(
-        lambda state_dict, prefix, *args: _convert_layout_on_load(parametrization, state_dict, prefix)
-    )
+    # a bound method, not a closure: copy.deepcopy(model) then hooks the copy's parametrization, not ours
+    plist._register_load_state_dict_pre_hook(parametrization.convert_layout_on_load)
 
 
 def adopt_torch_orthogonal(module: nn.Module, name: str = "weight") -> DtypeSafeOrthogonal:
