@@ -273,3 +273,13 @@ def test_in_place_change_through_data(maps: Counter) -> None:
     before = _warm(unit, maps)
     _original(unit).data.add_(0.05)
     _assert_recomputed(unit, maps, before)
+
+
+def test_clear_cache_after_a_write_through_data(maps: Counter) -> None:
+    unit = _unit()
+    before = _warm(unit, maps)
+    _original(unit).data.add_(0.05)
+    for module in unit.modules():
+        if isinstance(module, DtypeSafeOrthogonal):
+            module.clear_cache()
+    _assert_recomputed(unit, maps, before)

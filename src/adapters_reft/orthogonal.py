@@ -206,6 +206,11 @@ class DtypeSafeOrthogonal(nn.Module):
             return None
         return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
 
+    def clear_cache(self) -> None:
+        """Forget the cached eval-mode weight: needed only after writing through ``.data``, which torch does not
+        count as a change (every other in-place update, ``load_state_dict`` and ``.to()`` are noticed)."""
+        self._cache = None
+
     def train(self, mode: bool = True) -> DtypeSafeOrthogonal:
         self._cache = None
         return super().train(mode)
