@@ -245,17 +245,23 @@ def test_stock_average_is_not_orthogonal(stock: None) -> None:
     assert min(_orthonormality_error(w) for w in _projection_weights(model, "avg")) > 1e-2
 
 
-def test_average_of_independent_patched_adapters_is_the_nearest_orthonormal_mean(patched: None) -> None:
-    """adapters averages tensors linearly; the patch then sets each projection to the orthonormal matrix
-    nearest to the weighted mean of the input projections (a mean of ±1 sign diagonals would give 0)."""
-    model = _average(_two_adapters(related=False))
+def test_average_of_independent_patched_adapters_is_linear_and_orthogonal(patched: None) -> None:
+    """Parameters are averaged linearly exactly as stock does (AdapterHub's own average test checks that);
+    the averaged compact base stays orthogonal because its ±1 signs are read as signs (an average of -1 and
+    +1 is not a zero column), so the averaged projection has orthonormal rows."""
+    model = _two_adapters(related=False)
+    expected = {
+        k.replace(".refts.a.", ".refts.avg."): 0.5 * v + 0.5 * dict(model.named_parameters())[k.replace(".a.", ".b.")]
+        for k, v in model.named_parameters()
+        if ".refts.a." in k
+    }
+    model = _average(model)
+    params = {k: v for k, v in model.named_parameters() if ".refts.avg." in k}
+    assert params.keys() == expected.keys()
+    for k, v in params.items():
+        torch.testing.assert_close(v, expected[k], atol=1e-6, rtol=0, msg=k)
     assert torch.isfinite(_logits(model)).all()
-    averaged = _projection_weights(model, "avg")
-    assert max(_orthonormality_error(w) for w in averaged) < 1e-5
-    pairs = zip(_projection_weights(model, "a"), _projection_weights(model, "b"), averaged, strict=True)
-    for a, b, got in pairs:
-        u, _, vh = torch.linalg.svd(0.5 * a.double() + 0.5 * b.double(), full_matrices=False)
-        torch.testing.assert_close(got.double(), u @ vh, atol=1e-5, rtol=0)
+    assert max(_orthonormality_error(w) for w in _projection_weights(model, "avg")) < 1e-5
 
 
 # -- patch(model) on stock units -----------------------------------------------------------------------------

@@ -60,8 +60,8 @@ def _map(x: Tensor, orthogonal_map: str) -> Tensor:
         q = torch.linalg.householder_product(lower, tau)
         # The diagonal of x holds ±1 and only picks each column's sign; it gets no gradient. torch reads it
         # with .int(), which truncates -0.99999 to 0 once AdamW's weight decay has touched it and zeroes the
-        # whole column; .sign() gives the same ±1 on untouched values and stays right after decay.
-        return q * x.diagonal(dim1=-2, dim2=-1).sign().unsqueeze(-2)
+        # whole column; _signs gives the same ±1 on untouched values and stays ±1 after decay or averaging.
+        return q * _signs(x.diagonal(dim1=-2, dim2=-1)).unsqueeze(-2)
     square = nn.functional.pad(x.tril(), (0, n - k)) if n != k else x.tril()
     skew = square - square.mH
     if orthogonal_map == "matrix_exp":
@@ -73,6 +73,8 @@ def _map(x: Tensor, orthogonal_map: str) -> Tensor:
 
 
 def _signs(diagonal: Tensor) -> Tensor:
+    """±1 (never 0) for each diagonal entry: a sign that was averaged (``average_adapter`` averages every
+    tensor linearly) or decayed still selects a column sign, so the weight stays orthonormal."""
     return torch.where(diagonal < 0, -1.0, 1.0).to(diagonal.dtype)
 
 
@@ -82,7 +84,7 @@ def _apply_compact_base(base: Tensor, y: Tensor) -> Tensor:
     eye = torch.eye(base.size(-2), k, dtype=base.dtype, device=base.device)
     vectors = base.tril(diagonal=-1) + eye
     tau = 2.0 / (vectors * vectors).sum(dim=-2)
-    signs = base.diagonal(dim1=-2, dim2=-1).sign().to(y.dtype)
+    signs = _signs(base.diagonal(dim1=-2, dim2=-1)).to(y.dtype)
     y = torch.cat([y[..., :k, :] * signs.unsqueeze(-1), y[..., k:, :]], dim=-2)
     for i in reversed(range(k)):
         v = vectors[..., :, i : i + 1]

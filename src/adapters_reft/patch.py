@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .reft import ReftUnit, adopt_stock_unit, unit_class_for
@@ -37,39 +36,6 @@ def _gather_in_input_dtype(gather: Callable[..., list[Tensor]]) -> Callable[...,
 
     gather_adapted_states.__adapters_reft_original__ = gather  # type: ignore[attr-defined]
     return gather_adapted_states
-
-
-def _average_orthogonal(average: Callable[..., bool]) -> Callable[..., bool]:
-    """``ReftLayer.average_adapter`` whose orthogonal projections are the orthonormal matrix nearest to the
-    weighted mean of the input projections (polar factor), instead of a mean of bases and originals.
-
-    adapters averages every state-dict tensor linearly. For a compact base that averages the ±1 sign diagonals,
-    which independent adapters do not share (they come from each one's random init): a sign averages to 0 and
-    the projection loses a row. Stock's dense bases average to a non-orthogonal matrix instead.
-    """
-
-    @functools.wraps(average)
-    def average_adapter(
-        self: nn.Module, adapter_name: str, input_adapters: dict[str, float], *args: Any, **kwargs: Any
-    ) -> bool:
-        added = average(self, adapter_name, input_adapters, *args, **kwargs)
-        if not added:
-            return added
-        for i, unit in enumerate(self.refts[adapter_name].units):
-            if not (isinstance(unit, ReftUnit) and unit.orthogonal):
-                continue
-            with torch.no_grad():
-                mean = sum(
-                    w * self.refts[name].units[i].projection.weight.to(torch.float64)
-                    for name, w in input_adapters.items()
-                )
-                u, _, vh = torch.linalg.svd(mean, full_matrices=False)
-                # assigning the weight runs right_inverse: new base, original at the identity point
-                unit.projection.weight = (u @ vh).to(unit.projection.parametrizations.weight.original.dtype)
-        return added
-
-    average_adapter.__adapters_reft_original__ = average  # type: ignore[attr-defined]
-    return average_adapter
 
 
 def is_patched() -> bool:
@@ -98,8 +64,6 @@ def patch(model: nn.Module | None = None, *, compact: bool = True) -> None:
             _originals["ReftUnit"] = stock.ReftUnit
             _originals["_gather_adapted_states"] = stock.ReftModule.__dict__["_gather_adapted_states"]
             stock.ReftModule._gather_adapted_states = _gather_in_input_dtype(_originals["_gather_adapted_states"])
-            _originals["average_adapter"] = stock.ReftLayer.__dict__.get("average_adapter")
-            stock.ReftLayer.average_adapter = _average_orthogonal(stock.ReftLayer.average_adapter)
         if getattr(stock.ReftUnit, "compact", None) is not compact or not is_patched():
             unit = unit_class_for(_originals["ReftUnit"], compact=compact)
             unit.compact = compact
@@ -117,11 +81,6 @@ def unpatch() -> None:
             return
         stock.ReftUnit = _originals.pop("ReftUnit")
         stock.ReftModule._gather_adapted_states = _originals.pop("_gather_adapted_states")
-        original_average = _originals.pop("average_adapter")
-        if original_average is None:  # inherited from AdapterLayerBase
-            del stock.ReftLayer.average_adapter
-        else:
-            stock.ReftLayer.average_adapter = original_average
 
 
 def convert_units(model: nn.Module) -> int:
