@@ -151,7 +151,7 @@ def _assert_step(results: list[dict], *, changed_names: set[str] | None = None) 
 def _assert_orthonormal(results: list[dict], dtype: torch.dtype, atol: float) -> None:
     """R Rᵀ ≈ I (computed in fp32) for every projection the model used after the step, on every rank."""
     projections = results[0]["projections"]
-    assert len(projections) == 4  # 2 layers x 2 units
+    assert len(projections) == 2  # 2 layers x prefix unit: without grad the empty suffix slice computes nothing
     eye = torch.eye(worker.R_DIM)
     for name, weight in projections.items():
         assert weight.dtype == dtype, f"{name}: R is {weight.dtype}"
@@ -201,10 +201,10 @@ def test_ddp_bf16_training_step(tmp_path: Path) -> None:
     for name, tensor in trainable.items():
         assert torch.equal(tensor, results[0]["before"][name]), name
     # ... and the trained units' R moved with the step while staying orthonormal
-    assert set(projections) == set(results[0]["projections"])
-    for name, weight in projections.items():
-        if _is_used_unit(name):
-            assert not torch.equal(results[0]["projections"][name], weight), f"{name}: R did not change"
+    # (the no_grad forward after the step skips the units whose slice is empty: only the used ones report)
+    assert set(results[0]["projections"]) == {name for name in projections if _is_used_unit(name)}
+    for name, weight in results[0]["projections"].items():
+        assert not torch.equal(weight, projections[name]), f"{name}: R did not change"
 
 
 @pytest.mark.usefixtures("patched")

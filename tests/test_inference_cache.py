@@ -259,7 +259,9 @@ def test_model_train_then_eval_clears_every_unit(patched: None) -> None:
     with torch.no_grad():
         model(_inputs())
     units = [m for m in model.modules() if isinstance(m, DtypeSafeOrthogonal)]
-    assert all(u._cache is not None for u in units)
+    # LoReftConfig: 3 prefix positions, 0 suffix positions; without grad the empty suffix unit computes nothing
+    cached = [u for u in units if u._cache is not None]
+    assert len(units) == 4 and len(cached) == 2
     model.train()
     assert all(u._cache is None for u in units)
 

@@ -191,3 +191,13 @@ def test_projection_weight_is_computed_once_per_forward(monkeypatch: pytest.Monk
     calls.clear()
     unit(torch.randn(2, 3, 16)).sum().backward()
     assert len(calls) == 1
+
+
+def test_empty_slice_without_grad_is_returned_unchanged_with_grad_gets_zero_grads() -> None:
+    unit = ReftUnit(16, 2, orthogonal=True)
+    empty = torch.randn(2, 0, 16)
+    with torch.no_grad():
+        assert unit(empty) is empty
+    unit(empty.requires_grad_(True)).sum().backward()
+    grads = [p.grad for p in unit.parameters()]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)

@@ -61,13 +61,20 @@ def _check_map(orthogonal_map: str) -> None:
         raise ValueError(f"orthogonal_map has to be one of {', '.join(MAPS)}; got {orthogonal_map!r}")
 
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or getattr(
+    getattr(torch, "_dynamo", None), "is_compiling", lambda: False
+)  # torch.compiler.is_compiling exists from torch 2.3
+
+
+def is_compiling() -> bool:
+    """Whether dynamo is tracing (cheap: called on every eval forward by the weight cache)."""
+    return bool(_is_compiling())
+
+
 def _is_tracing() -> bool:
     """True while torch.compile/export traces or a CUDA graph captures: probing (or caching) then would put
     tracing placeholders where real tensors belong."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if is_compiling is None:  # torch < 2.3
-        is_compiling = getattr(getattr(torch, "_dynamo", None), "is_compiling", None)
-    if is_compiling is not None and is_compiling():
+    if is_compiling():
         return True
     # AOT tracing on torch 2.2 runs user code with fake/functional tensors outside dynamo's "compiling" flag
     detect_fake_mode = getattr(getattr(torch, "_guards", None), "detect_fake_mode", None)

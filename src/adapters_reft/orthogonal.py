@@ -200,10 +200,13 @@ class DtypeSafeOrthogonal(nn.Module):
         return _weight(x, getattr(self, "base", None), self.orthogonal_map, dtype).to(x.dtype)
 
     def _cache_key(self, x: Tensor) -> tuple[Any, ...] | None:
-        if self.training or torch.is_grad_enabled() or x.device.type == "meta" or compat._is_tracing():
+        if self.training or torch.is_grad_enabled() or x.device.type == "meta" or compat.is_compiling():
+            return None
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
         base = getattr(self, "base", None)
         tensors = (x,) if base is None else (x, base)
+        # fake/functional tensors of a tracer outside dynamo's flag (torch 2.2's AOT tracing) are subclasses
         if not all(compat.is_plain_tensor(t) for t in tensors):
             return None
         return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)

@@ -96,18 +96,26 @@ class ReftUnit(nn.Module):
         return torch.promote_types(x.dtype, self.learned_source.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0 and not torch.is_grad_enabled():
+            # the unused prefix/suffix slice (e.g. LoReFT's suffix_positions=0) on every generated token; with
+            # grad enabled the unit still runs so its parameters get zero (not None) gradients, as DDP expects
+            return x
         weight = self.projection.weight  # computed once: the orthogonal map is the unit's main cost
-        if _autocast_enabled(x.device.type):
-            h, w_s, b_s = x, self.learned_source.weight, self.learned_source.bias
-        else:
+        w_s, b_s = self.learned_source.weight, self.learned_source.bias
+        h = x
+        if not _autocast_enabled(x.device.type):
             dtype = self._compute_dtype(x)
-            h, weight = x.to(dtype), weight.to(dtype)
-            w_s, b_s = self.learned_source.weight.to(dtype), self.learned_source.bias.to(dtype)
+            if x.dtype != dtype:
+                h = x.to(dtype)
+            if w_s.dtype != dtype:
+                w_s, b_s = w_s.to(dtype), b_s.to(dtype)
+            if weight.dtype != dtype:
+                weight = weight.to(dtype)
         source = self.non_linearity(F.linear(h, w_s, b_s))
         if self.subtract_projection:
             source = source - F.linear(h, weight)
-        out = h + torch.matmul(source, weight)
-        return self.dropout(out).to(x.dtype)
+        out = self.dropout(h + torch.matmul(source, weight))
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def unit_class_for(stock_unit: type, *, compact: bool = True) -> type[ReftUnit]:
