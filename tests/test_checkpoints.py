@@ -150,29 +150,10 @@ def test_patched_saves_compact_bases(patched: None, tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(_load(tmp_path)), expected, atol=0, rtol=0)
 
 
-def _llama_1024(layers: int = 1) -> nn.Module:
-    import adapters
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=1024,
-        intermediate_size=256,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=96,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config)
-    adapters.init(model)
-    return model
-
-
 def _adapter_file_bytes(tmp_path: Path, name: str) -> int:
     import adapters
 
-    model = _llama_1024()
+    model = tiny_llama(layers=1, hidden=1024, intermediate=256)
     model.add_adapter("reft", config=adapters.LoReftConfig(r=1))  # 2 units (prefix, suffix) per layer
     model.save_adapter(str(tmp_path / name), "reft")
     return (tmp_path / name / "pytorch_adapter.bin").stat().st_size

@@ -28,15 +28,17 @@ VOCAB = 96
 Scenario = Callable[[], str]
 
 
-def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0, layers: int = 2) -> nn.Module:
-    """A 2-layer Llama (hidden 64) with adapters initialised; no download."""
+def tiny_llama(
+    dtype: torch.dtype = torch.float32, seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 128
+) -> nn.Module:
+    """A small Llama (default: 2 layers, hidden 64) with adapters initialised; no download."""
     import adapters
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
