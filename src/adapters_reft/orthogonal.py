@@ -105,6 +105,10 @@ def _weight(original: Tensor, base: Tensor | None, orthogonal_map: str, dtype: t
     return q
 
 
+def _version_and_pointer(t: Tensor | None) -> tuple[int, int] | None:
+    return None if t is None else (t._version, t.data_ptr())
+
+
 def _compact_base(q: Tensor) -> Tensor:
     """Compact base whose first ``k`` columns equal the Q factor of ``q`` (with a non-negative R diagonal)."""
     reflectors, tau = torch.geqrf(q)
@@ -178,7 +182,8 @@ class DtypeSafeOrthogonal(nn.Module):
         self.shape = weight.shape
         self.orthogonal_map = orthogonal_map
         self.compact = compact
-        self._cache: tuple[tuple[Any, ...], Tensor] | None = None
+        # (original, its version, its pointer, its dtype, base, base's (version, pointer), weight)
+        self._cache: tuple[Any, ...] | None = None
         if use_trivialization:
             self.register_buffer("base", None)
 
@@ -188,28 +193,47 @@ class DtypeSafeOrthogonal(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        key = self._cache_key(x)
-        if key is not None and self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        cacheable = self._cacheable(x)
+        if cacheable:
+            cached = self.cached_weight(x)
+            if cached is not None:
+                return cached
         out = self._compute(x)
-        self._cache = (key, out) if key is not None else None
+        self._cache = None
+        if cacheable:
+            base = self._buffers.get("base")
+            self._cache = (x, x._version, x.data_ptr(), x.dtype, base, _version_and_pointer(base), out)
         return out
 
     def _compute(self, x: Tensor) -> Tensor:
         dtype = compat.compute_dtype(self.orthogonal_map, x.dtype, x.device.type, "forward")
         return _weight(x, getattr(self, "base", None), self.orthogonal_map, dtype).to(x.dtype)
 
-    def _cache_key(self, x: Tensor) -> tuple[Any, ...] | None:
+    def _cacheable(self, x: Tensor) -> bool:
         if self.training or torch.is_grad_enabled() or x.device.type == "meta" or compat.is_compiling():
-            return None
+            return False
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
-        base = getattr(self, "base", None)
-        tensors = (x,) if base is None else (x, base)
+            return False
         # fake/functional tensors of a tracer outside dynamo's flag (torch 2.2's AOT tracing) are subclasses
-        if not all(compat.is_plain_tensor(t) for t in tensors):
+        base = self._buffers.get("base")
+        return compat.is_plain_tensor(x) and (base is None or compat.is_plain_tensor(base))
+
+    def cached_weight(self, x: Tensor) -> Tensor | None:
+        """The cached weight for ``x`` (the ``original`` tensor) if nothing changed since it was computed.
+
+        Cheap on purpose (identity, version counter and storage pointer of ``original`` and ``base``): ReFT units
+        call it directly for every generated token. Callers make sure caching applies (eval mode, no grad).
+        """
+        cache = self._cache
+        if cache is None:
             return None
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+        original, version, pointer, dtype, base, base_stamp, out = cache
+        if x is not original or x._version != version or x.data_ptr() != pointer or x.dtype != dtype:
+            return None
+        current = self._buffers.get("base")
+        if current is not base or (base is not None and _version_and_pointer(base) != base_stamp):
+            return None
+        return out
 
     def clear_cache(self) -> None:
         """Forget the cached eval-mode weight: needed only after writing through ``.data``, which torch does not
