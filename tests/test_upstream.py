@@ -201,7 +201,7 @@ def test_reft_forward_is_ours_under_the_release_signature(exported: upstream.Exp
     stock = ast.parse(STOCK_REFT)
     forward = _function(patched, "ReftUnit", "forward")
     assert ast.dump(forward.args) == ast.dump(_function(stock, "ReftUnit", "forward").args)  # def forward(self, x)
-    assert _without_docstring(forward) == _without_docstring(_ours("adapters_reft.reft", "ReftUnit", "forward"))
+    assert _without_docstring(forward) == _without_docstring(_ours("adapters_reft.reft", "ReftUnit", "intervene"))
     init = _function(patched, "ReftUnit", "__init__")
     assert ast.dump(init.args) == ast.dump(_function(stock, "ReftUnit", "__init__").args)
     init_source = ast.unparse(init)

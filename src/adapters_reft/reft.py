@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .inference import _autocast_enabled, plan_for
 from .orthogonal import adopt_torch_orthogonal
 from .orthogonal import orthogonal as dtype_safe_orthogonal
 
@@ -51,15 +52,6 @@ def _seed(seed: int | None) -> None:
         torch.manual_seed(seed)
         if torch.cuda.is_available():
             torch.cuda.manual_seed_all(seed)
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device type
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return device_type == "cuda" and torch.is_autocast_enabled()
 
 
 class ReftUnit(nn.Module):
@@ -96,6 +88,15 @@ class ReftUnit(nn.Module):
         return torch.promote_types(x.dtype, self.learned_source.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.training and not torch.is_grad_enabled() and x.numel():
+            plan = plan_for(self, x)  # eval without grad: weights prepared once (see adapters_reft.inference)
+            if plan is not None:
+                return plan(self, x)
+        return self.intervene(x)
+
+    def intervene(self, x: Tensor) -> Tensor:
+        """The intervention computed from the parameters as they are (what ``export-upstream`` writes into
+        adapters' ``ReftUnit.forward``); ``forward`` uses it unless an inference plan applies."""
         if x.numel() == 0 and not torch.is_grad_enabled():
             # the unused prefix/suffix slice (e.g. LoReFT's suffix_positions=0) on every generated token; with
             # grad enabled the unit still runs so its parameters get zero (not None) gradients, as DDP expects

@@ -9,7 +9,7 @@ read from this package's modules (``inspect.getsource``) at export time and rewr
   refused if it still mentions ``adapters_reft``, does not parse as Python 3.9 or has undefined names.
 * :func:`patch_reft_source` edits a release's ``src/adapters/methods/reft.py`` in place: the orthogonal
   parametrization of ``ReftUnit.__init__`` is swapped for ours and the half-precision warning/upcast dropped,
-  ``ReftUnit.forward`` gets the body of :meth:`adapters_reft.reft.ReftUnit.forward` (the release's own
+  ``ReftUnit.forward`` gets the body of :meth:`adapters_reft.reft.ReftUnit.intervene` (the release's own
   ``def forward(self, x):`` line stays), and ``_gather_adapted_states`` creates its empty slices in
   ``hidden_states.dtype``. Each edit checks that the target looks as expected and raises :class:`ExportError`
   with the reason otherwise, so a release whose ``reft.py`` changed fails loudly instead of being mis-patched.
@@ -429,7 +429,8 @@ def patch_reft_source(text: str, ours: ModuleType | str = "adapters_reft.reft") 
 
     # 3. ReftUnit.forward: our body under the release's own signature, plus the helpers it uses.
     stock_args = [a.arg for a in forward.args.args]
-    our_forward, _ = _method_source(ours.ReftUnit.forward)
+    # ``intervene`` is our forward without the eval-mode inference plan (adapters_reft.inference, not exported)
+    our_forward, _ = _method_source(ours.ReftUnit.intervene)
     our_args = [a.arg for a in our_forward.args.args]
     if stock_args != our_args or forward.args.vararg or forward.args.kwarg or forward.args.kwonlyargs:
         raise ExportError(
@@ -443,14 +444,14 @@ def patch_reft_source(text: str, ours: ModuleType | str = "adapters_reft.reft") 
     method_indent = re.match(r"\s*", target.lines[forward.lineno - 1]).group(0)
     class_indent = re.match(r"\s*", target.lines[unit.lineno - 1]).group(0)
 
-    new_body = _body_source(ours.ReftUnit.forward)
-    forward_source = textwrap.dedent(_function_source(ours.ReftUnit.forward))
+    new_body = _body_source(ours.ReftUnit.intervene)
+    forward_source = textwrap.dedent(_function_source(ours.ReftUnit.intervene))
     helper_methods = [m for m in ("_compute_dtype",) if re.search(rf"\bself\.{m}\b", new_body)]
     method_sources = []
     for name in helper_methods:
         method = getattr(ours.ReftUnit, name, None)
         if method is None:
-            raise ExportError(f"adapters_reft.reft.ReftUnit.forward calls self.{name}, which ReftUnit lacks")
+            raise ExportError(f"adapters_reft.reft.ReftUnit.intervene calls self.{name}, which ReftUnit lacks")
         method_sources.append(textwrap.dedent(_function_source(method)))
     # Module-level functions of ours the new code calls (and those they call), copied next to ReftUnit.
     helper_functions: list[str] = []
@@ -465,7 +466,7 @@ def patch_reft_source(text: str, ours: ModuleType | str = "adapters_reft.reft") 
                 pending.append(_function_source(getattr(ours, name)))
             elif name not in helper_functions:
                 raise ExportError(
-                    f"adapters_reft.reft.ReftUnit.forward (or a helper) uses {name!r}; add how adapters' reft.py "
+                    f"adapters_reft.reft.ReftUnit.intervene (or a helper) uses {name!r}; add how adapters' reft.py "
                     "provides it to adapters_reft.upstream_codegen.IMPORT_PROVIDERS or NAME_REWRITES"
                 )
     function_sources = [_function_source(getattr(ours, name)) for name in helper_functions]
