@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -264,3 +265,35 @@ def test_deepcopy_hooks_the_copy() -> None:
     assert clone.parametrizations.weight[0].base.shape == (8, 2)  # converted to the compact layout
     assert torch.allclose(clone.weight, dense.weight, atol=1e-6)
     assert not torch.allclose(layer.weight, dense.weight, atol=1e-3)  # the original is untouched
+
+
+@pytest.mark.parametrize(("n", "k", "batch"), [(7, 1, ()), (9, 2, ()), (12, 3, (2,)), (40, 5, ())])
+def test_householder_backward_matches_torch(n: int, k: int, batch: tuple[int, ...]) -> None:
+    """The O(n·k²) backward gives torch's O(n²·k) gradients (float64), and its forward is torch's bit for bit."""
+    from adapters_reft.orthogonal import _HouseholderProduct
+
+    torch.manual_seed(n)
+    lower = torch.randn(*batch, n, k, dtype=torch.float64).tril(-1).requires_grad_()
+    tau = (2 / (1 + (lower.detach() ** 2).sum(-2))).requires_grad_()
+    grad = torch.randn(*batch, n, k, dtype=torch.float64)
+    ours, reference = _HouseholderProduct.apply(lower, tau), torch.linalg.householder_product(lower, tau)
+    assert torch.equal(ours, reference)
+    for mine, theirs in zip(
+        torch.autograd.grad(ours, (lower, tau), grad), torch.autograd.grad(reference, (lower, tau), grad), strict=True
+    ):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(_HouseholderProduct.apply, (lower, tau))
+
+
+def test_householder_backward_is_used_only_with_grad_and_few_reflectors(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = importlib.import_module("adapters_reft.orthogonal")  # the package exports a function of that name
+    calls = []
+    real = module._HouseholderProduct.apply
+    monkeypatch.setattr(module._HouseholderProduct, "apply", lambda *a: calls.append(a) or real(*a))
+    x = torch.randn(16, 2, requires_grad=True)
+    _map(x, "householder").sum().backward()
+    assert len(calls) == 1 and x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        _map(x, "householder")
+    _map(torch.randn(6, 3, requires_grad=True), "householder")  # n < 4k: torch's own backward
+    assert len(calls) == 1
