@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import statistics
@@ -76,6 +77,9 @@ class Worker:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        # adapters warns "adapters available but none are activated" on every frozen forward: that logging
+        # (and the stderr write) would count against the frozen baseline, so it is silenced on both sides
+        logging.getLogger("adapters").setLevel(logging.ERROR)
         import adapters_reft
 
         if side == "patched":
