@@ -62,7 +62,7 @@ def sizes(quick: bool) -> dict[str, Any]:
         "hidden": 1024, "intermediate": 2816, "layers": 4, "heads": 16, "vocab": 4096,
         "batch": 4, "seq": 64, "prompt": 32, "new_tokens": 32,
         "unit_hidden": 4096, "ortho_hidden": 4096, "ortho_r": 4, "r": 1,
-        "warmup": 2, "runs": 7, "creation_runs": 3,
+        "warmup": 2, "runs": 11, "creation_runs": 3,
     }  # fmt: skip
 
 
