@@ -278,8 +278,10 @@ ReFT adapters break as soon as the model (or the adapter) is in half precision. 
   is probed once on a tiny tensor; where torch has no suitable half-precision kernel, the map and the QR
   are computed in float32 and cast back (gradients flow through the casts). Nothing is stored in another dtype. The
   trivialization base of a non-square weight is stored compactly as `r` Householder reflectors (`n × r`, O(n·r))
-  instead of a dense `n × n` matrix. `ADAPTERS_REFT_UPCAST=auto|always|never` overrides the cast policy (default
-  `auto`).
+  instead of a dense `n × n` matrix. With grad, the householder map's backward walks the `r` reflectors back,
+  O(n·r²) instead of torch's O(n²·r) (same forward). In eval mode under `no_grad` the computed weight is cached
+  until a parameter or buffer changes. `ADAPTERS_REFT_UPCAST=auto|always|never` overrides the cast policy
+  (default `auto`).
 * `src/adapters/methods/reft.py`:
   * `ReftUnit.__init__` uses that parametrization and no longer upcasts (or warns about) half precision; the
     positional signature is unchanged.
