@@ -85,7 +85,7 @@ def test_plan_equals_the_regular_forward_bit_for_bit(
     x = _x(x_dtype)
     first = _same_as_regular(unit, x)
     assert unit.__dict__["_inference_plan"] is not None
-    assert torch.equal(_same_as_regular(unit, x), first)  # second call: the plan as reused
+    assert torch.equal(_same_as_regular(unit, x), first)  # second call: the plan is reused
 
 
 def test_plan_is_built_once_and_reused(plans: PlanCounter) -> None:

@@ -152,16 +152,16 @@ def test_grad_enabled_runs_stock_code(patched: None, monkeypatch: pytest.MonkeyP
 def test_a_later_call_of_another_shape_sees_the_first_calls_indices(patched: None) -> None:
     """Stock caches its indices on the context at the first call and reuses them (encoder and decoder share a
     context); after a sliced first call, a differently shaped call must still get those indices."""
-    first, second = _module(3, 0, tied=False, seed=1), _module(3, 0, tied=False, seed=2)
-    short, long = torch.randn(1, 2, HIDDEN), torch.randn(1, 6, HIDDEN)
+    first, second = _module(0, 2, tied=False, seed=1), _module(0, 2, tied=False, seed=2)
+    short, long = torch.randn(1, 4, HIDDEN), torch.randn(1, 6, HIDDEN)
     results = []
     for forward in (_stock_forward(), type(first).forward):
         with torch.no_grad(), forward_context():
             results.append((forward(first, short), forward(second, long)))
     (stock_short, stock_long), (ours_short, ours_long) = results
     assert torch.equal(ours_short, stock_short) and torch.equal(ours_long, stock_long)
-    # stock intervened on 2 positions of the long input only: the indices of the first (2-position) call
-    assert torch.equal(ours_long[:, 2:], long[:, 2:]) and not torch.equal(ours_long[:, :2], long[:, :2])
+    # stock intervened on positions 2 and 3 of the long input: the last two of the first (4-position) call
+    assert torch.equal(ours_long[:, 4:], long[:, 4:]) and not torch.equal(ours_long[:, 2:4], long[:, 2:4])
 
 
 @pytest.mark.parametrize("left_padded", [False, True])
@@ -209,3 +209,16 @@ def test_unpatch_restores_stock_forward() -> None:
     assert ReftModule.__dict__["forward"].__adapters_reft_original__ is before
     adapters_reft.unpatch()
     assert ReftModule.__dict__["forward"] is before
+
+
+@pytest.mark.parametrize(("clips", "gathers"), [(True, 0), (False, 1)], ids=["adapters>=1.1", "adapters-1.0"])
+def test_a_sequence_shorter_than_the_prefix_is_sliced_only_where_stock_clips(
+    patched: None, monkeypatch: pytest.MonkeyPatch, clips: bool, gathers: int
+) -> None:
+    from adapters_reft import slicing
+
+    monkeypatch.setattr(slicing, "_stock_clips_positions", lambda: clips)
+    module = _module(3, 0, tied=False)
+    counter = GatherCounter(monkeypatch)
+    _run(type(module).forward, module, torch.randn(1, 1, HIDDEN), None)  # a generated token
+    assert counter.calls == gathers

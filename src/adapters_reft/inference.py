@@ -1,7 +1,7 @@
 """The eval-mode, no-grad fast path of a ReFT unit.
 
 Why: while generating, every layer runs its unit on one position. The five tensor operations of the
-intervention then cost less than the Python around them: reading the projection through torch's parametrize
+intervention then cost about as much as the Python around them: reading the projection through torch's parametrize
 property (two module calls and the cache checks), promoting dtypes, reading the learned source through
 ``nn.Module.__getattr__`` and calling an identity activation and an inactive dropout as modules. An
 :class:`InferencePlan` does that work once and afterwards only checks, cheaply, that nothing it depends on has
@@ -112,8 +112,8 @@ class InferencePlan:
 
     def fresh(self, unit: nn.Module, x: Tensor) -> bool:
         """Cheap check that nothing the plan was built from has changed, and that it still applies."""
-        if x.dtype is not self.x_dtype or _autocast_enabled(self.device_type) or compat.is_compiling():
-            return False
+        if x.dtype is not self.x_dtype or _autocast_enabled(self.device_type) or not compat.is_plain_tensor(x):
+            return False  # (dynamo's tracing is checked by plan_for; fake tensors of other tracers here)
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return False  # a captured graph must recompute the weight on replay, not bake this one in
         source, projection, activation, dropout = self.modules
@@ -162,6 +162,8 @@ class InferencePlan:
 def plan_for(unit: Any, x: Tensor) -> InferencePlan | None:
     """The unit's plan for ``x``: reused while fresh, rebuilt when something changed, None where it cannot
     apply (autocast, tracing, another parametrization on the projection)."""
+    if compat.is_compiling():
+        return None  # dynamo traces the regular forward; no module state is written while it does
     plan = unit.__dict__.get("_inference_plan")
     if plan is not None and plan.fresh(unit, x):
         return plan

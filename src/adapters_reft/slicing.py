@@ -80,6 +80,8 @@ def _unpadded_spans(context: Any, module: nn.Module, hidden_states: Tensor) -> t
     suffix = min(module.suffix_positions, seq) if module.suffix_positions > 0 else 0
     if seq == 0 or prefix + suffix > seq:
         return None
+    if (prefix < module.prefix_positions or suffix < module.suffix_positions) and not _stock_clips_positions():
+        return None  # adapters 1.0.x gathers exactly p / s positions and fails on a shorter sequence
     if hasattr(context, "seqlens"):  # read from the attention mask: rows start at offsets, hold seqlens tokens
         offsets, seqlens = context.offsets, context.seqlens
         if offsets.numel() not in (1, bsz) or seqlens.numel() not in (1, bsz):
@@ -93,6 +95,17 @@ def _unpadded_spans(context: Any, module: nn.Module, hidden_states: Tensor) -> t
         if suffix and any(start + length != seq for start, length in zip(starts, lengths, strict=True)):
             return None
     return prefix, suffix
+
+
+@functools.cache
+def _stock_clips_positions() -> bool:
+    """Whether stock intervenes on ``min(p, seq)`` positions of a sequence shorter than ``p`` (adapters >= 1.1;
+    e.g. each generated token with LoReFT's 3 prefix positions) instead of failing with an index error."""
+    from packaging.version import Version
+
+    from .versions import adapters_version
+
+    return Version(Version(adapters_version()).base_version) >= Version("1.1")
 
 
 def _as_list(t: Tensor, bsz: int) -> list[int] | None:
