@@ -3,8 +3,9 @@
 Why: generating a token runs every layer's ReftModule on a one-position slice. Stock builds index tensors,
 gathers, concatenates and scatters: about eight small tensor operations per layer, which right after the
 model's large matmuls cost more than the intervention itself. When no row of the batch is padded, stock's
-positions are the plain ranges ``[0, p)`` and ``[seq - s, seq)``; slicing them and concatenating the pieces
-gives the same tensors bit for bit, in two or three operations.
+positions are the plain ranges ``[0, p)`` and ``[seq - s, seq)`` (clipped to a shorter sequence where the
+installed adapters clips them, 1.1 and later); slicing them and concatenating the pieces gives the same tensors
+bit for bit, in two or three operations.
 
 Everything else runs stock's code unchanged: grad enabled (training, where DDP expects the units to run even on
 empty slices), tracing, padding, prefix and suffix overlapping (stock's scatter order decides there), and a
