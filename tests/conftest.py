@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -31,14 +33,36 @@ def pytest_configure(config: pytest.Config) -> None:
     transformers.logging.set_verbosity_error()
 
 
-@pytest.fixture
-def patched() -> Iterator[None]:
-    """adapters with the patch installed for this test only."""
+@contextlib.contextmanager
+def patched_adapters() -> Iterator[None]:
+    """adapters with the patch installed inside the block: for tests that compare with stock in one test, and
+    hypothesis tests (which take no function-scoped fixtures)."""
     adapters_reft.patch()
     try:
         yield
     finally:
         adapters_reft.unpatch()
+
+
+@pytest.fixture
+def patched() -> Iterator[None]:
+    """adapters with the patch installed for this test only."""
+    with patched_adapters():
+        yield
+
+
+class CallCounter:
+    """Counts the calls of ``owner.name`` for one test (through ``monkeypatch``) and passes them on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+        self.calls = 0
+        real: Callable[..., Any] = getattr(owner, name)
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counting)
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,19 +11,11 @@ from torch import nn
 import adapters_reft
 from adapters_reft.orthogonal import DtypeSafeOrthogonal
 from adapters_reft.scenarios import _inputs, tiny_llama
+from conftest import patched_adapters
 
 HIDDEN = 64
 FP32 = {"atol": 1e-5, "rtol": 1e-5}
 BASE = "parametrizations.weight.0.base"
-
-
-@contextlib.contextmanager
-def patched() -> Iterator[None]:
-    adapters_reft.patch()
-    try:
-        yield
-    finally:
-        adapters_reft.unpatch()
 
 
 def _config(**kwargs: object) -> object:
@@ -106,7 +96,7 @@ def test_stock_checkpoint_loads_into_patched_with_identical_outputs(
     model.save_adapter(str(tmp_path), "reft", use_safetensors=safetensors)
     assert all(b.shape == (HIDDEN, HIDDEN) for b in _stock_bases(tmp_path, safetensors))
 
-    with patched():
+    with patched_adapters():
         loaded = _load(tmp_path, safetensors=safetensors)
     torch.testing.assert_close(_logits(loaded), expected, **FP32)
     for plist in _parametrizations(loaded):
@@ -131,7 +121,7 @@ def _stock_bases(folder: Path, safetensors: bool) -> list[torch.Tensor]:
 
 def test_stock_checkpoint_of_a_model_with_patched_units_keeps_training(stock: None, tmp_path: Path) -> None:
     _train(_with_adapter()).save_adapter(str(tmp_path), "reft")
-    with patched():
+    with patched_adapters():
         loaded = _load(tmp_path)
         before = _logits(loaded)
         _train(loaded)
@@ -165,7 +155,7 @@ SIZE_BOUND = 64 * 1024
 
 
 def test_hidden_1024_checkpoint_is_o_n_r(stock: None, tmp_path: Path) -> None:
-    with patched():
+    with patched_adapters():
         compact = _adapter_file_bytes(tmp_path, "compact")
     stock_bytes = _adapter_file_bytes(tmp_path, "stock")
     assert compact < SIZE_BOUND
@@ -175,7 +165,7 @@ def test_hidden_1024_checkpoint_is_o_n_r(stock: None, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("safetensors", [False, True], ids=["bin", "safetensors"])
 def test_stock_adapters_refuse_a_compact_checkpoint(stock: None, tmp_path: Path, safetensors: bool) -> None:
-    with patched():
+    with patched_adapters():
         _train(_with_adapter()).save_adapter(str(tmp_path), "reft", use_safetensors=safetensors)
     model = tiny_llama()
     with pytest.raises(RuntimeError, match=r"size mismatch.*parametrizations\.weight\.0\.base"):

@@ -16,27 +16,16 @@ from torch import Tensor, nn
 import adapters_reft
 from adapters_reft.orthogonal import DtypeSafeOrthogonal
 from adapters_reft.scenarios import _inputs, tiny_llama
+from conftest import CallCounter
 
 # the module, not the function adapters_reft.orthogonal that the package exports under the same name
 orthogonal = importlib.import_module("adapters_reft.orthogonal")
 N, R = 24, 3
 
 
-class Counter:
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls = 0
-        real = orthogonal._map
-
-        def counting_map(x: Tensor, orthogonal_map: str) -> Tensor:
-            self.calls += 1
-            return real(x, orthogonal_map)
-
-        monkeypatch.setattr(orthogonal, "_map", counting_map)
-
-
 @pytest.fixture
-def maps(monkeypatch: pytest.MonkeyPatch) -> Counter:
-    return Counter(monkeypatch)
+def maps(monkeypatch: pytest.MonkeyPatch) -> CallCounter:
+    return CallCounter(monkeypatch, orthogonal, "_map")
 
 
 def _unit(seed: int = 0, dtype: torch.dtype = torch.float32) -> adapters_reft.ReftUnit:
@@ -69,7 +58,7 @@ def _fresh(unit: nn.Module, x: Tensor) -> Tensor:
         return unit(x).detach()
 
 
-def _warm(unit: nn.Module, maps: Counter) -> Tensor:
+def _warm(unit: nn.Module, maps: CallCounter) -> Tensor:
     out = _cached(unit, _x())
     assert _parametrization(unit)._cache is not None
     maps.calls = 0
@@ -77,7 +66,7 @@ def _warm(unit: nn.Module, maps: Counter) -> Tensor:
 
 
 # -- the cache is used -------------------------------------------------------------------------------------
-def test_eval_no_grad_computes_each_weight_once(maps: Counter) -> None:
+def test_eval_no_grad_computes_each_weight_once(maps: CallCounter) -> None:
     unit = _unit()
     outs = [_cached(unit, _x()) for _ in range(4)]
     assert maps.calls == 1
@@ -88,7 +77,7 @@ def test_eval_no_grad_computes_each_weight_once(maps: Counter) -> None:
     torch.testing.assert_close(outs[0], _fresh(unit, _x()), atol=0, rtol=0)
 
 
-def test_inference_mode_uses_the_cache(maps: Counter) -> None:
+def test_inference_mode_uses_the_cache(maps: CallCounter) -> None:
     unit = _unit()
     with torch.inference_mode():
         first = unit(_x())
@@ -96,7 +85,7 @@ def test_inference_mode_uses_the_cache(maps: Counter) -> None:
     assert maps.calls == 1 and torch.equal(first, second)
 
 
-def test_model_forward_and_generate_compute_each_unit_once(patched: None, maps: Counter) -> None:
+def test_model_forward_and_generate_compute_each_unit_once(patched: None, maps: CallCounter) -> None:
     import adapters
 
     if tuple(int(p) for p in adapters.__version__.split(".")[:2]) < (1, 1):
@@ -121,7 +110,7 @@ def test_model_forward_and_generate_compute_each_unit_once(patched: None, maps: 
 
 
 # -- the cache is never used while training ------------------------------------------------------------------
-def test_train_mode_never_caches(maps: Counter) -> None:
+def test_train_mode_never_caches(maps: CallCounter) -> None:
     unit = _unit().train()
     unit.dropout.p = 0.0
     for _ in range(3):
@@ -131,7 +120,7 @@ def test_train_mode_never_caches(maps: Counter) -> None:
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_grad_enabled_never_caches_and_weights_get_gradients(maps: Counter, mode: str) -> None:
+def test_grad_enabled_never_caches_and_weights_get_gradients(maps: CallCounter, mode: str) -> None:
     unit = _unit().train(mode == "train")
     unit.dropout.p = 0.0
     _cached(unit.eval(), _x())  # a cached weight exists from an earlier no_grad pass ...
@@ -146,7 +135,7 @@ def test_grad_enabled_never_caches_and_weights_get_gradients(maps: Counter, mode
 
 
 # -- every way of changing the weight invalidates it -----------------------------------------------------------
-def _assert_recomputed(unit: nn.Module, maps: Counter, before: Tensor | None = None) -> None:
+def _assert_recomputed(unit: nn.Module, maps: CallCounter, before: Tensor | None = None) -> None:
     calls = maps.calls
     got = _cached(unit, _x())
     assert maps.calls == calls + 1, "the cached weight was reused after a change"
@@ -159,7 +148,7 @@ def _assert_recomputed(unit: nn.Module, maps: Counter, before: Tensor | None = N
         assert not torch.allclose(got, before)
 
 
-def test_in_place_add_under_no_grad(maps: Counter) -> None:
+def test_in_place_add_under_no_grad(maps: CallCounter) -> None:
     unit = _unit()
     before = _warm(unit, maps)
     with torch.no_grad():
@@ -167,7 +156,7 @@ def test_in_place_add_under_no_grad(maps: Counter) -> None:
     _assert_recomputed(unit, maps, before)
 
 
-def test_in_place_change_of_the_base(maps: Counter) -> None:
+def test_in_place_change_of_the_base(maps: CallCounter) -> None:
     unit = _unit()
     before = _warm(unit, maps)
     with torch.no_grad():
@@ -185,7 +174,7 @@ def test_in_place_change_of_the_base(maps: Counter) -> None:
     ],
     ids=["sgd", "sgd-foreach", "adamw", "adamw-foreach"],
 )
-def test_optimizer_step(maps: Counter, make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> None:
+def test_optimizer_step(maps: CallCounter, make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> None:
     unit = _unit()
     before = _warm(unit, maps)
     optimizer = make(list(unit.parameters()))
@@ -197,7 +186,7 @@ def test_optimizer_step(maps: Counter, make: Callable[[list[nn.Parameter]], torc
 
 
 @pytest.mark.parametrize("assign", [False, True], ids=["copy", "assign"])
-def test_load_state_dict(maps: Counter, assign: bool) -> None:
+def test_load_state_dict(maps: CallCounter, assign: bool) -> None:
     unit, other = _unit(0), _unit(1)
     before = _warm(unit, maps)
     expected = _fresh(other, _x())
@@ -206,7 +195,7 @@ def test_load_state_dict(maps: Counter, assign: bool) -> None:
     torch.testing.assert_close(_cached(unit, _x()), expected, atol=0, rtol=0)
 
 
-def test_load_state_dict_of_the_same_values_keeps_outputs(maps: Counter) -> None:
+def test_load_state_dict_of_the_same_values_keeps_outputs(maps: CallCounter) -> None:
     unit = _unit()
     before = _warm(unit, maps)
     unit.load_state_dict({k: v.clone() for k, v in unit.state_dict().items()})
@@ -214,7 +203,7 @@ def test_load_state_dict_of_the_same_values_keeps_outputs(maps: Counter) -> None
     torch.testing.assert_close(_cached(unit, _x()), before, atol=0, rtol=0)
 
 
-def test_to_another_dtype_and_back(maps: Counter) -> None:
+def test_to_another_dtype_and_back(maps: CallCounter) -> None:
     unit = _unit()
     before = _warm(unit, maps)
     unit.to(torch.float64)
@@ -230,7 +219,7 @@ def test_to_another_dtype_and_back(maps: Counter) -> None:
     torch.testing.assert_close(_cached(unit, _x()), before, atol=1e-6, rtol=1e-6)
 
 
-def test_to_bfloat16_uses_no_stale_float32_weight(maps: Counter) -> None:
+def test_to_bfloat16_uses_no_stale_float32_weight(maps: CallCounter) -> None:
     unit = _unit()
     _warm(unit, maps)
     unit.to(torch.bfloat16)
@@ -240,7 +229,7 @@ def test_to_bfloat16_uses_no_stale_float32_weight(maps: Counter) -> None:
         assert unit.projection.weight.dtype == torch.bfloat16
 
 
-def test_train_then_eval(maps: Counter) -> None:
+def test_train_then_eval(maps: CallCounter) -> None:
     unit = _unit()
     _warm(unit, maps)
     unit.train()
@@ -270,14 +259,14 @@ def test_model_train_then_eval_clears_every_unit(patched: None) -> None:
     strict=True,
     reason="writes through .data bypass the version counter the cache key reads (known limitation)",
 )
-def test_in_place_change_through_data(maps: Counter) -> None:
+def test_in_place_change_through_data(maps: CallCounter) -> None:
     unit = _unit()
     before = _warm(unit, maps)
     _original(unit).data.add_(0.05)
     _assert_recomputed(unit, maps, before)
 
 
-def test_clear_cache_after_a_write_through_data(maps: Counter) -> None:
+def test_clear_cache_after_a_write_through_data(maps: CallCounter) -> None:
     unit = _unit()
     before = _warm(unit, maps)
     _original(unit).data.add_(0.05)

@@ -15,26 +15,16 @@ from torch import Tensor, nn
 
 import adapters_reft
 from adapters_reft import inference
+from conftest import CallCounter
 
 N, R = 24, 3
 FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
-class PlanCounter:
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.builds = 0
-        real = inference.InferencePlan.__init__
-
-        def counting(plan: inference.InferencePlan, unit: nn.Module, x: Tensor) -> None:
-            self.builds += 1
-            real(plan, unit, x)
-
-        monkeypatch.setattr(inference.InferencePlan, "__init__", counting)
-
-
 @pytest.fixture
-def plans(monkeypatch: pytest.MonkeyPatch) -> PlanCounter:
-    return PlanCounter(monkeypatch)
+def plans(monkeypatch: pytest.MonkeyPatch) -> CallCounter:
+    """Counts the plans built."""
+    return CallCounter(monkeypatch, inference.InferencePlan, "__init__")
 
 
 def _unit(dtype: torch.dtype = torch.float32, **kwargs: object) -> adapters_reft.ReftUnit:
@@ -56,6 +46,16 @@ def _same_as_regular(unit: nn.Module, x: Tensor) -> Tensor:
         out, reference = unit(x), unit.intervene(x)
     assert out.dtype == reference.dtype == x.dtype
     assert torch.equal(out, reference)
+    return out
+
+
+def _same_under_one_seed(unit: nn.Module, x: Tensor) -> Tensor:
+    """Like ``_same_as_regular`` for a unit whose dropout draws: both calls start from the same seed."""
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out = unit(x)
+        torch.manual_seed(0)
+        assert torch.equal(out, unit.intervene(x))
     return out
 
 
@@ -88,29 +88,24 @@ def test_plan_equals_the_regular_forward_bit_for_bit(
     assert torch.equal(_same_as_regular(unit, x), first)  # second call: the plan is reused
 
 
-def test_plan_is_built_once_and_reused(plans: PlanCounter) -> None:
+def test_plan_is_built_once_and_reused(plans: CallCounter) -> None:
     unit, x = _unit(), _x()
     for _ in range(3):
         _same_as_regular(unit, x)
-    assert plans.builds == 1
+    assert plans.calls == 1
     _same_as_regular(unit, x.to(torch.float64))  # another input dtype: another plan
-    assert plans.builds == 2
+    assert plans.calls == 2
 
 
 @pytest.mark.parametrize(
     "mode",
     ["train", "grad", "autocast"],
 )
-def test_no_plan_in_training_with_grad_or_under_autocast(plans: PlanCounter, mode: str) -> None:
+def test_no_plan_in_training_with_grad_or_under_autocast(plans: CallCounter, mode: str) -> None:
     unit, x = _unit(), _x()
     if mode == "train":
         unit.train()
-        torch.manual_seed(0)
-        with torch.no_grad():
-            out = unit(x)
-        torch.manual_seed(0)
-        with torch.no_grad():
-            assert torch.equal(out, unit.intervene(x))
+        _same_under_one_seed(unit, x)
     elif mode == "grad":
         out = unit(x)
         assert out.requires_grad
@@ -119,7 +114,7 @@ def test_no_plan_in_training_with_grad_or_under_autocast(plans: PlanCounter, mod
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = _same_as_regular(unit, x)
         assert out.dtype == torch.float32
-    assert plans.builds == 0
+    assert plans.calls == 0
 
 
 def _change_source_in_place(unit: adapters_reft.ReftUnit) -> None:
@@ -214,13 +209,7 @@ def test_dropout_switched_to_training_alone_is_applied() -> None:
     unit, x = _unit(dropout=0.5), _x()
     before = _same_as_regular(unit, x)
     unit.dropout.train()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        out = unit(x)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        assert torch.equal(out, unit.intervene(x))
-    assert not torch.equal(out, before)
+    assert not torch.equal(_same_under_one_seed(unit, x), before)
 
 
 def test_clear_cache_after_a_write_through_data() -> None:

@@ -14,6 +14,7 @@ from torch.nn.utils import parametrizations
 
 from adapters_reft import compat, orthogonal
 from adapters_reft.orthogonal import _map, _weight
+from conftest import CallCounter
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 MAPS = list(compat.MAPS)
@@ -287,13 +288,11 @@ def test_householder_backward_matches_torch(n: int, k: int, batch: tuple[int, ..
 
 def test_householder_backward_is_used_only_with_grad_and_few_reflectors(monkeypatch: pytest.MonkeyPatch) -> None:
     module = importlib.import_module("adapters_reft.orthogonal")  # the package exports a function of that name
-    calls = []
-    real = module._HouseholderProduct.apply
-    monkeypatch.setattr(module._HouseholderProduct, "apply", lambda *a: calls.append(a) or real(*a))
+    counter = CallCounter(monkeypatch, module._HouseholderProduct, "apply")
     x = torch.randn(16, 2, requires_grad=True)
     _map(x, "householder").sum().backward()
-    assert len(calls) == 1 and x.grad is not None and x.grad.abs().sum() > 0
+    assert counter.calls == 1 and x.grad is not None and x.grad.abs().sum() > 0
     with torch.no_grad():
         _map(x, "householder")
     _map(torch.randn(6, 3, requires_grad=True), "householder")  # n < 4k: torch's own backward
-    assert len(calls) == 1
+    assert counter.calls == 1

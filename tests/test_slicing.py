@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 import adapters_reft
 from adapters_reft.scenarios import _inputs, tiny_llama
+from conftest import CallCounter, patched_adapters
 
 HIDDEN = 16
 
@@ -81,18 +82,10 @@ def _run(forward: Any, module: nn.Module, hidden: Tensor, mask: Tensor | None) -
             return type(error)
 
 
-class GatherCounter:
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from adapters.methods.reft import ReftModule
+def _gathers(monkeypatch: pytest.MonkeyPatch) -> CallCounter:
+    from adapters.methods.reft import ReftModule
 
-        self.calls = 0
-        real = ReftModule._gather_adapted_states
-
-        def counting(module: nn.Module, hidden_states: Tensor) -> list[Tensor]:
-            self.calls += 1
-            return real(module, hidden_states)
-
-        monkeypatch.setattr(ReftModule, "_gather_adapted_states", counting)
+    return CallCounter(monkeypatch, ReftModule, "_gather_adapted_states")
 
 
 @given(
@@ -107,16 +100,13 @@ class GatherCounter:
 def test_slices_equal_stock_bit_for_bit(
     prefix: int, suffix: int, tied: bool, bsz: int, seq: int, pads: list[int], mask_kind: str
 ) -> None:
-    adapters_reft.patch()
-    try:
+    with patched_adapters():
         module = _module(prefix, suffix, tied)
         hidden = torch.randn(bsz, seq, HIDDEN, generator=torch.Generator().manual_seed(seq))
         rows = [min(p, seq - 1) for p in pads[:bsz]] if mask_kind in ("left", "right") else [0] * bsz
         mask = None if mask_kind == "none" else _mask(bsz, seq, rows, left=mask_kind == "left")
         expected = _run(_stock_forward(), module, hidden, mask)
         got = _run(type(module).forward, module, hidden, mask)
-    finally:
-        adapters_reft.unpatch()
     if isinstance(expected, type):
         assert got is expected
     else:
@@ -133,14 +123,14 @@ def test_slicing_replaces_the_gather_only_without_padding(
     patched: None, monkeypatch: pytest.MonkeyPatch, mask: Tensor | None, gathers: int
 ) -> None:
     module = _module(3, 2, tied=False)
-    counter = GatherCounter(monkeypatch)
+    counter = _gathers(monkeypatch)
     _run(type(module).forward, module, torch.randn(2, 6, HIDDEN), mask)
     assert counter.calls == gathers
 
 
 def test_grad_enabled_runs_stock_code(patched: None, monkeypatch: pytest.MonkeyPatch) -> None:
     module = _module(3, 0, tied=False).train()
-    counter = GatherCounter(monkeypatch)
+    counter = _gathers(monkeypatch)
     with forward_context():
         out = module(torch.randn(1, 5, HIDDEN))
     out.sum().backward()
@@ -165,35 +155,31 @@ def test_a_later_call_of_another_shape_sees_the_first_calls_indices(patched: Non
 
 
 @pytest.mark.parametrize("left_padded", [False, True])
-def test_generate_and_logits_equal_stock_slicing_off(left_padded: bool) -> None:
+def test_generate_and_logits_equal_stock_slicing_off(patched: None, left_padded: bool) -> None:
     import adapters
     from adapters.methods.reft import ReftModule
 
-    adapters_reft.patch()
-    try:
-        model = tiny_llama()
-        model.add_adapter("r", config=adapters.LoReftConfig(r=2, suffix_positions=2))
-        model.set_active_adapters("r")
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.05 * torch.randn_like(p))
-        model.eval()
-        ids = _inputs(batch=2, length=8)
-        mask = _mask(2, 8, [0, 3], left=True) if left_padded else torch.ones_like(ids)
-        outputs = []
-        for forward in (ReftModule.forward, _stock_forward()):
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(ReftModule, "forward", forward)
-                with torch.no_grad():
-                    logits = model(ids, attention_mask=mask).logits
-                    # suffix_positions > 0 breaks stock's cached generation; without the cache it works
-                    tokens = model.generate(
-                        ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0
-                    )
-            outputs.append((logits, tokens))
-    finally:
-        adapters_reft.unpatch()
+    model = tiny_llama()
+    model.add_adapter("r", config=adapters.LoReftConfig(r=2, suffix_positions=2))
+    model.set_active_adapters("r")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    ids = _inputs(batch=2, length=8)
+    mask = _mask(2, 8, [0, 3], left=True) if left_padded else torch.ones_like(ids)
+    outputs = []
+    for forward in (ReftModule.forward, _stock_forward()):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ReftModule, "forward", forward)
+            with torch.no_grad():
+                logits = model(ids, attention_mask=mask).logits
+                # suffix_positions > 0 breaks stock's cached generation; without the cache it works
+                tokens = model.generate(
+                    ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0
+                )
+        outputs.append((logits, tokens))
     (logits, tokens), (stock_logits, stock_tokens) = outputs
     assert torch.equal(logits, stock_logits)
     assert torch.equal(tokens, stock_tokens)
@@ -219,6 +205,6 @@ def test_a_sequence_shorter_than_the_prefix_is_sliced_only_where_stock_clips(
 
     monkeypatch.setattr(slicing, "_stock_clips_positions", lambda: clips)
     module = _module(3, 0, tied=False)
-    counter = GatherCounter(monkeypatch)
+    counter = _gathers(monkeypatch)
     _run(type(module).forward, module, torch.randn(1, 1, HIDDEN), None)  # a generated token
     assert counter.calls == gathers
