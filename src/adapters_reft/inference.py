@@ -80,16 +80,14 @@ class InferencePlan:
         self.modules = (source, projection, unit._modules["non_linearity"], unit._modules["dropout"])
         self.source_stamps = (_stamp(source._parameters["weight"]), _stamp(source._parameters["bias"]))
         parts = _orthogonal_parts(projection)
+        # ``applies`` made sure: a plain weight parameter, or our parametrization alone (reading fills its cache)
+        self.weight_source = projection.weight
         if parts is None:
-            plain = projection._parameters.get("weight")
             self.parts = None
-            self.weight_source = projection.weight
-            self.weight_stamp = _stamp(plain) if plain is not None else None
+            self.weight_stamp = _stamp(self.weight_source)
         else:
             plist, parametrization = parts
             self.parts = (projection._modules["parametrizations"], plist, parametrization)
-            self.weight_source = projection.weight  # fills the parametrization's cache
-            self.weight_stamp = None
         dtype = torch.promote_types(x.dtype, source._parameters["weight"].dtype)
         self.dtype = dtype
         self.w_s = source.weight.to(dtype)
@@ -130,7 +128,7 @@ class InferencePlan:
             return False
         if self.parts is None:
             plain = projection._parameters.get("weight")
-            return self.weight_stamp is not None and plain is not None and _same(plain, self.weight_stamp)
+            return plain is not None and _same(plain, self.weight_stamp)
         plists, plist, parametrization = self.parts
         if projection._modules.get("parametrizations") is not plists or plists._modules.get("weight") is not plist:
             return False

@@ -123,9 +123,10 @@ def _forward_slices(module: nn.Module, hidden_states: Tensor, prefix: int, suffi
     if prefix == 0 and suffix == 0:
         return hidden_states  # stock scatters nothing and returns its input
     seq = hidden_states.size(1)
-    # slices are taken only where needed: on a generated token the prefix is the whole (one-position) input
-    head = _positions(hidden_states, 0, prefix)
-    tail = _positions(hidden_states, seq - suffix, seq)
+    # slices are taken only where needed: on a generated token the prefix is the whole (one-position) input and
+    # there is no suffix
+    head = _positions(hidden_states, 0, prefix) if prefix else None
+    tail = _positions(hidden_states, seq - suffix, seq) if suffix else None
     if module.tied_weights:
         states = torch.cat([head, tail], dim=1) if prefix and suffix else _dense(head if prefix else tail)
         adapted = module.units[0](states).to(hidden_states.dtype)
