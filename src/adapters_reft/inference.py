@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import compat
-from .orthogonal import DtypeSafeOrthogonal
+from .orthogonal import DtypeSafeOrthogonal, stamp, unchanged
 
 __all__ = ["InferencePlan", "plan_for"]
 
@@ -33,14 +33,6 @@ def _autocast_enabled(device_type: str) -> bool:
         if device_type == "cpu":
             return torch.is_autocast_cpu_enabled()
         return device_type == "cuda" and torch.is_autocast_enabled()
-
-
-def _stamp(t: Tensor) -> tuple[Tensor, int, int]:
-    return t, t._version, t.data_ptr()
-
-
-def _same(t: Tensor, stamp: tuple[Tensor, int, int]) -> bool:
-    return t is stamp[0] and t._version == stamp[1] and t.data_ptr() == stamp[2]
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -78,13 +70,13 @@ class InferencePlan:
         source = unit._modules["learned_source"]
         projection = unit._modules["projection"]
         self.modules = (source, projection, unit._modules["non_linearity"], unit._modules["dropout"])
-        self.source_stamps = (_stamp(source._parameters["weight"]), _stamp(source._parameters["bias"]))
+        self.source_stamps = (stamp(source._parameters["weight"]), stamp(source._parameters["bias"]))
         parts = _orthogonal_parts(projection)
         # ``applies`` made sure: a plain weight parameter, or our parametrization alone (reading fills its cache)
         self.weight_source = projection.weight
         if parts is None:
             self.parts = None
-            self.weight_stamp = _stamp(self.weight_source)
+            self.weight_stamp = stamp(self.weight_source)
         else:
             plist, parametrization = parts
             self.parts = (projection._modules["parametrizations"], plist, parametrization)
@@ -124,11 +116,13 @@ class InferencePlan:
         ):
             return False
         weight_stamp, bias_stamp = self.source_stamps
-        if not _same(source._parameters["weight"], weight_stamp) or not _same(source._parameters["bias"], bias_stamp):
+        if not unchanged(source._parameters["weight"], weight_stamp) or not unchanged(
+            source._parameters["bias"], bias_stamp
+        ):
             return False
         if self.parts is None:
             plain = projection._parameters.get("weight")
-            return plain is not None and _same(plain, self.weight_stamp)
+            return unchanged(plain, self.weight_stamp)
         plists, plist, parametrization = self.parts
         if projection._modules.get("parametrizations") is not plists or plists._modules.get("weight") is not plist:
             return False

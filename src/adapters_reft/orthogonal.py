@@ -146,8 +146,17 @@ def _weight(original: Tensor, base: Tensor | None, orthogonal_map: str, dtype: t
     return q
 
 
-def _version_and_pointer(t: Tensor | None) -> tuple[int, int] | None:
-    return None if t is None else (t._version, t.data_ptr())
+def stamp(t: Tensor) -> tuple[Tensor, int, int]:
+    """What says a stored tensor is unchanged: the object, its version counter (in-place updates) and its storage
+    pointer (``.to()``, ``.data =``). Used by the eval-mode weight cache here and by the ReFT units' inference plans."""
+    return t, t._version, t.data_ptr()
+
+
+def unchanged(t: Tensor | None, tensor_stamp: tuple[Tensor, int, int] | None) -> bool:
+    """Whether ``t`` is still what ``tensor_stamp`` recorded (both None counts as unchanged)."""
+    if t is None or tensor_stamp is None:
+        return t is None and tensor_stamp is None
+    return t is tensor_stamp[0] and t._version == tensor_stamp[1] and t.data_ptr() == tensor_stamp[2]
 
 
 def _compact_base(q: Tensor) -> Tensor:
@@ -223,7 +232,7 @@ class DtypeSafeOrthogonal(nn.Module):
         self.shape = weight.shape
         self.orthogonal_map = orthogonal_map
         self.compact = compact
-        # (original, its version, its pointer, its dtype, base, base's (version, pointer), weight)
+        # (stamp of original, its dtype, stamp of base or None, weight)
         self._cache: tuple[Any, ...] | None = None
         if use_trivialization:
             self.register_buffer("base", None)
@@ -243,7 +252,7 @@ class DtypeSafeOrthogonal(nn.Module):
         self._cache = None
         if cacheable:
             base = self._buffers.get("base")
-            self._cache = (x, x._version, x.data_ptr(), x.dtype, base, _version_and_pointer(base), out)
+            self._cache = (stamp(x), x.dtype, None if base is None else stamp(base), out)
         return out
 
     def _compute(self, x: Tensor) -> Tensor:
@@ -268,11 +277,12 @@ class DtypeSafeOrthogonal(nn.Module):
         cache = self._cache
         if cache is None:
             return None
-        original, version, pointer, dtype, base, base_stamp, out = cache
-        if x is not original or x._version != version or x.data_ptr() != pointer or x.dtype != dtype:
-            return None
-        current = self._buffers.get("base")
-        if current is not base or (base is not None and _version_and_pointer(base) != base_stamp):
+        original_stamp, dtype, base_stamp, out = cache
+        if (
+            not unchanged(x, original_stamp)
+            or x.dtype != dtype
+            or not unchanged(self._buffers.get("base"), base_stamp)
+        ):
             return None
         return out
 
