@@ -66,6 +66,37 @@ def sizes(quick: bool) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def llama_with_loreft(c: dict[str, Any]) -> Any:
+    """The benchmark model (seed 0) with LoReFT "reft" added on all layers (2 units each), not yet active."""
+    import adapters
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=c["hidden"],
+        intermediate_size=c["intermediate"],
+        num_hidden_layers=c["layers"],
+        num_attention_heads=c["heads"],
+        num_key_value_heads=c["heads"],
+        vocab_size=c["vocab"],
+        max_position_embeddings=max(c["seq"], c["prompt"] + c["new_tokens"]),
+    )
+    model = LlamaForCausalLM(config)
+    adapters.init(model)
+    model.add_adapter("reft", config=adapters.LoReftConfig(r=c["r"]))
+    return model
+
+
+def token_inputs(c: dict[str, Any]) -> tuple[Any, Any]:
+    """(training ids ``batch × seq``, generation prompt ``1 × prompt``), from one seeded generator."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, c["vocab"], (c["batch"], c["seq"]), generator=g)
+    return ids, torch.randint(3, c["vocab"], (1, c["prompt"]), generator=g)
+
+
 # == worker ==================================================================================================
 class Worker:
     """One side (stock or patched); holds the model between commands."""
@@ -91,23 +122,8 @@ class Worker:
 
     # (a), (b) ----------------------------------------------------------------------------------------------
     def _build(self) -> None:
-        import adapters
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         torch, c = self.torch, self.cfg
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            hidden_size=c["hidden"],
-            intermediate_size=c["intermediate"],
-            num_hidden_layers=c["layers"],
-            num_attention_heads=c["heads"],
-            num_key_value_heads=c["heads"],
-            vocab_size=c["vocab"],
-            max_position_embeddings=max(c["seq"], c["prompt"] + c["new_tokens"]),
-        )
-        model = LlamaForCausalLM(config)
-        adapters.init(model)
-        model.add_adapter("reft", config=adapters.LoReftConfig(r=c["r"]))  # all layers, 2 units each
+        model = llama_with_loreft(c)
         model.train_adapter("reft")
         # frozen baseline: make layer 0's output a leaf that requires grad, so backward reaches the same depth
         model.model.layers[0].register_forward_hook(
@@ -118,9 +134,7 @@ class Worker:
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0)
-        g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(3, c["vocab"], (c["batch"], c["seq"]), generator=g)
-        self.prompt = torch.randint(3, c["vocab"], (1, c["prompt"]), generator=g)
+        self.ids, self.prompt = token_inputs(c)
 
     def _active(self, adapter: bool) -> None:
         self.model.set_active_adapters("reft" if adapter else None)

@@ -1,6 +1,6 @@
 """Where greedy generation's ReFT overhead goes: the ReftModule's share, and the cost of an active adapter.
 
-Stock and patched run in their own subprocess (the same model as ``bench_reft.py``: 4-layer Llama, hidden
+Stock and patched run in their own subprocess (``bench_reft.py``'s model and prompt: 4-layer Llama, hidden
 1024, LoReFT r=1 on all layers, fp32, one thread). Each worker times ``generate`` in rounds that rotate over
 three variants of the same model:
 
@@ -23,33 +23,24 @@ import sys
 import time
 from typing import Any
 
-NEW_TOKENS = 32
-
 
 def worker(side: str, rounds: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    import adapters
     import transformers
     from adapters.methods import reft
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench_reft import llama_with_loreft, sizes, token_inputs  # sibling script (its folder is on sys.path)
 
     import adapters_reft
 
     transformers.logging.set_verbosity_error()
     logging.getLogger("adapters").setLevel(logging.ERROR)
     adapters_reft.patch() if side == "patched" else adapters_reft.unpatch()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
-        num_key_value_heads=16, vocab_size=4096, max_position_embeddings=64,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    adapters.init(model)
-    model.add_adapter("reft", config=adapters.LoReftConfig(r=1))
-    model.eval()  # after add_adapter: new adapter modules start in training mode
-    prompt = torch.randint(3, 4096, (1, 32), generator=torch.Generator().manual_seed(1))
+    cfg = sizes(quick=False)
+    model = llama_with_loreft(cfg).eval()  # eval after add_adapter: new adapter modules start in training mode
+    _, prompt = token_inputs(cfg)
+    new_tokens = cfg["new_tokens"]
     real_forward = reft.ReftModule.forward
     inside = [0.0]
 
@@ -76,8 +67,8 @@ def worker(side: str, rounds: int) -> dict[str, Any]:
             with torch.no_grad():
                 start = time.perf_counter()
                 model.generate(
-                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
-                    min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                 )  # fmt: skip
                 elapsed = time.perf_counter() - start
             if i >= 2:  # warm-up rounds
